@@ -1,0 +1,293 @@
+"""Read a recipe (with `extends:`), apply overrides, validate; every failure becomes a located Problem."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ..errors import BadInput, Problem, did_you_mean
+from ..targets import TARGETS
+from .overrides import apply_overrides, parse_overrides
+from .schema import SECTIONS, Recipe
+
+# Keys whose values are file paths: relative ones resolve against the file that sets them.
+PATH_KEYS = ("model.source", "quantize.calib.data", "quantize.gate.text", "bench.workload")
+KEYWORDS = {"builtin", "random", "synthetic"}
+MAX_RECIPE_BYTES = 1_000_000
+MAX_EXTENDS_DEPTH = 16
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    """A validated recipe and where each key came from (file:line or the override that set it)."""
+
+    recipe: Recipe
+    path: Path | None
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def where(self, key: str) -> str | None:
+        while key:
+            if key in self.origins:
+                return self.origins[key]
+            key = key.rpartition(".")[0]
+        return str(self.path) if self.path else None
+
+    def to_yaml(self) -> str:
+        """The resolved recipe, as saved next to each engine."""
+        return yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:
+    """Load, merge `extends`, override and validate; raises BadInput listing every problem."""
+    path = Path(path)
+    data, origins = _read_with_extends(path, chain=())
+    parsed, problems = parse_overrides(list(overrides))
+    problems += apply_overrides(data, parsed, origins)
+    for ov in parsed:
+        if ov.key in PATH_KEYS and isinstance(ov.value, str):
+            _set(data, ov.key, _resolve_path(ov.value, Path.cwd()))
+    return validate_recipe(data, origins, path, problems)
+
+
+def validate_recipe(
+    data: dict[str, Any], origins: dict[str, str], path: Path | None, problems: list[Problem]
+) -> LoadedRecipe:
+    problems = list(problems)
+    data.pop("extends", None)
+    recipe: Recipe | None = None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems += [_problem_from_pydantic(err, origins, path) for err in exc.errors()]
+    if recipe is not None:
+        loaded = LoadedRecipe(recipe, path, origins)
+        problems += recipe_rules(loaded)
+    if problems:
+        raise BadInput(problems, str(path) if path else "recipe")
+    assert recipe is not None
+    return LoadedRecipe(recipe, path, origins)
+
+
+def recipe_rules(loaded: LoadedRecipe) -> list[Problem]:
+    """Rules across fields that need only the recipe (the plan adds those that need the model)."""
+    r = loaded.recipe
+    b, q = r.build, r.quantize
+    target = TARGETS[b.target]
+    out: list[Problem] = []
+
+    def add(key: str, msg: str, fix: str | None = None) -> None:
+        out.append(Problem(key, msg, fix, loaded.where(key)))
+
+    if b.max_input_len > b.max_seq_len:
+        add("build.max_input_len", f"got {b.max_input_len}, larger than build.max_seq_len "
+            f"({b.max_seq_len})", f"Set build.max_input_len<={b.max_seq_len} or raise max_seq_len.")
+    if q.method == "awq" and q.bits != 4:
+        add("quantize.bits", f"got {q.bits}; awq produces 4-bit weights (W4A16_AWQ)",
+            "Set quantize.bits=4, or quantize.method=rtn for INT8 weight-only.")
+    if q.method == "rtn" and q.bits == 8 and q.group_size != -1:
+        add("quantize.group_size", f"got {q.group_size}; INT8 weight-only (W8A16) is per-channel "
+            "in TensorRT-LLM", "Set quantize.group_size=-1.")
+    if q.method == "awq" and q.group_size == -1:
+        add("quantize.group_size", "got -1; AWQ is group-wise (W4A16_AWQ)",
+            "Set quantize.group_size=128.")
+    if b.backend == "onnx" and target.kind != "cpu":
+        add("build.target", f"got {b.target!r}; the onnx backend runs on the CPU (ONNX Runtime)",
+            "Set build.target=cpu, or build.backend=rtx for an RTX GPU engine.")
+    if b.backend != "onnx" and target.kind == "cpu":
+        add("build.target", f"got 'cpu'; the {b.backend} backend builds for an NVIDIA GPU",
+            "Set build.target to a GPU such as rtx3060-12gb, or build.backend=onnx.")
+    if b.backend == "rtx" and target.kind == "datacenter":
+        add("build.target", f"got {b.target!r} (SM{target.sm}); TensorRT for RTX builds for "
+            "GeForce/RTX GPUs (SM86, SM89, SM120), not data-centre GPUs",
+            "Use build.backend=trtllm for data-centre GPUs.")
+    if b.kv_cache.dtype == "fp8" and "fp8" not in target.precisions:
+        add("build.kv_cache.dtype", f"fp8 needs SM89 or newer; {b.target} is SM{target.sm}",
+            "Set build.kv_cache.dtype=int8 or auto.")
+    if b.backend != "trtllm" and (b.tp_size > 1 or b.pp_size > 1):
+        add("build.tp_size", f"tensor/pipeline parallelism needs the trtllm backend, not {b.backend}",
+            "Set build.tp_size=1 and build.pp_size=1.")
+    if b.backend == "trtllm" and b.kv_cache.dtype == "float16" and r.model.dtype == "bfloat16":
+        add("build.kv_cache.dtype", "float16 KV cache with a bfloat16 model",
+            "Set build.kv_cache.dtype=auto.")
+    return out
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dict[str, str]]:
+    resolved = path.resolve() if path.exists() else path
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise BadInput([Problem("extends", f"cycle: {cycle}", "Remove one of the extends.",
+                                str(chain[-1]))], str(chain[0]))
+    if len(chain) >= MAX_EXTENDS_DEPTH:
+        raise BadInput([Problem("extends", f"more than {MAX_EXTENDS_DEPTH} levels of extends",
+                                None, str(path))], str(chain[0]))
+    data, origins = read_yaml(path)
+    parent = data.pop("extends", None)
+    origins.pop("extends", None)
+    if parent is None:
+        return data, origins
+    if not isinstance(parent, str):
+        raise BadInput([Problem("extends", f"got {parent!r}; expected a recipe file path", None,
+                                _line(origins, "extends", path))], str(path))
+    parent_path = Path(parent) if os.path.isabs(parent) else path.parent / parent
+    if not parent_path.is_file():
+        raise BadInput([Problem("extends", f"{parent!r} not found (looked at {parent_path})", None,
+                                str(path))], str(path))
+    base, base_origins = _read_with_extends(parent_path, (*chain, resolved))
+    return _merge(base, data), {**base_origins, **origins}
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Parse one YAML file into a dict and a map of dotted key -> 'file:line'."""
+    where = str(path)
+    if not path.exists():
+        raise BadInput([Problem("", "recipe file not found", None, where)], where)
+    if not path.is_file():
+        raise BadInput([Problem("", "not a regular file", None, where)], where)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BadInput([Problem("", f"cannot read: {exc.strerror}", None, where)], where) from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise BadInput([Problem("", f"{len(raw)} bytes; a recipe is at most {MAX_RECIPE_BYTES}",
+                                None, where)], where)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise BadInput([Problem("", f"not UTF-8 (byte {exc.start}: {raw[exc.start]:#x})",
+                                "Save the file as UTF-8.", f"{where}:{line}")], where) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        loc = f"{where}:{mark.line + 1}" if mark else where
+        what = getattr(exc, "problem", None) or str(exc)
+        raise BadInput([Problem("", f"YAML syntax error: {what}", None, loc)], where) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BadInput([Problem("", f"top level is a {type(data).__name__}; expected a mapping "
+                                "of sections (name, model, build, ...)", None, where)], where)
+    origins: dict[str, str] = {}
+    problems: list[Problem] = []
+    _walk(node, "", where, origins, problems)
+    if problems:
+        raise BadInput(problems, where)
+    for key in PATH_KEYS:
+        value = _get(data, key)
+        if isinstance(value, str):
+            _set(data, key, _resolve_path(value, path.parent))
+    return data, origins
+
+
+def _walk(node: Any, prefix: str, where: str, origins: dict[str, str], problems: list[Problem]):
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            path = f"{prefix}.{key}" if prefix else key
+            loc = f"{where}:{key_node.start_mark.line + 1}"
+            if key in seen:
+                problems.append(Problem(path, "duplicate key", "Keep one of them.", loc))
+            seen.add(key)
+            origins[path] = loc
+            _walk(value_node, path, where, origins, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            origins[f"{prefix}.{i}"] = f"{where}:{item.start_mark.line + 1}"
+            _walk(item, f"{prefix}.{i}", where, origins, problems)
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    if value in KEYWORDS or os.path.isabs(value):
+        return value
+    candidate = base / value
+    return str(candidate.resolve()) if candidate.exists() else value
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _get(data: dict[str, Any], key: str) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def _line(origins: dict[str, str], key: str, path: Path) -> str:
+    return origins.get(key, str(path))
+
+
+# --- pydantic errors -> problems ----------------------------------------------------------------
+
+_TYPE_NAMES = {"int_type": "an integer", "float_type": "a number", "string_type": "a string",
+               "bool_type": "true or false", "tuple_type": "a list", "model_type": "a mapping",
+               "dict_type": "a mapping", "list_type": "a list", "int_from_float": "an integer"}
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
+           "less_than": "<"}
+
+
+def _problem_from_pydantic(err: Any, origins: dict[str, str], path: Path | None) -> Problem:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    where = _where(origins, key, path)
+    kind, got = err["type"], err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        section = ".".join(p for p in loc[:-1] if not p.isdigit())
+        fields = list(SECTIONS[section].model_fields) if section in SECTIONS else []
+        prefix = f"{section}." if section else ""
+        fix = did_you_mean(loc[-1], fields).replace("mean ", f"mean {prefix}") or (
+            f"Valid keys here: {', '.join(fields)}." if fields else None)
+        return Problem(key, "unknown key", fix, where)
+    if kind == "missing":
+        return Problem(key, "required key is missing", None, where)
+    if kind == "literal_error":
+        return Problem(key, f"got {got!r}; expected one of {ctx.get('expected', '')}", None, where)
+    if kind in _BOUNDS:
+        bound = next(v for k, v in ctx.items() if k in ("ge", "gt", "le", "lt"))
+        return Problem(key, f"got {got!r}; expected {_BOUNDS[kind]} {bound}", None, where)
+    if kind in _TYPE_NAMES:
+        return Problem(key, f"got {got!r} ({type(got).__name__}); expected {_TYPE_NAMES[kind]}",
+                       None, where)
+    if kind == "string_pattern_mismatch":
+        return Problem(key, f"got {got!r}; expected letters, digits, '.', '_' or '-' (no '/'), "
+                       "starting with a letter or digit", None, where)
+    if kind in ("too_short", "too_long"):
+        return Problem(key, f"got {got!r}; {err['msg'].lower()}", None, where)
+    msg = err["msg"].removeprefix("Value error, ")
+    return Problem(key, msg, None, where)
+
+
+def _where(origins: dict[str, str], key: str, path: Path | None) -> str | None:
+    k = key
+    while k:
+        if k in origins:
+            return origins[k]
+        k = k.rpartition(".")[0]
+    return str(path) if path else None
