@@ -24,15 +24,16 @@ _state = {"quiet": False}
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """CLI-only: library code logs to `logging.getLogger(__name__)` and never configures handlers."""
+    """CLI-only: library code logs to `logging.getLogger(__name__)`, never adds handlers."""
     _state["quiet"] = quiet or not err_console.is_terminal
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     root = logging.getLogger("trt_pipeline")
     root.handlers.clear()
     handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(level)
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)  # stage log files keep INFO
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:

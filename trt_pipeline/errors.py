@@ -1,4 +1,4 @@
-"""Problems and exceptions: every user-facing failure says where, what, what was expected, the fix."""
+"""Problems and exceptions: every user-facing failure says where, what, what was expected, fix."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ class StageFailed(PipelineError):
     exit_code = 1
 
 
-def bad_input(path: str, message: str, fix: str | None = None, where: str | None = None) -> BadInput:
+def bad_input(path: str, message: str, fix: str | None = None, where: str | None = None
+              ) -> BadInput:
     """Shorthand for a single-problem BadInput."""
     return BadInput([Problem(path, message, fix, where)])
 

@@ -6,15 +6,21 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import bad_input
+
 CHUNK = 8 << 20
+FILE_MODE = 0o644  # mkstemp makes 0600; artifacts are meant to be shared and published
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write to a temp file beside `path`, fsync, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -72,3 +78,24 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
+    """For stand-alone commands: build into a temp dir beside `out_dir`, rename on success,
+    remove on failure. An existing non-empty `out_dir` is refused, never overwritten."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise bad_input("OUT_DIR", f"{out_dir} exists and is not empty",
+                        "Choose a new directory or delete it first.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,4 +1,4 @@
-"""manifest.json of a stage artifact and of a published engine dir: what, from what, how, how long."""
+"""manifest.json of a stage artifact and of an engine dir: what, from what, how, how long."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TARGETS: the GPUs (and the CPU) a recipe can name, with what the planner and the builders need."""
+"""TARGETS: the GPUs (and the CPU) a recipe can name, with what the planner and builders need."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class Target:
     bandwidth_gbs: float
     precisions: tuple[Precision, ...]
     kind: Literal["geforce", "datacenter", "cpu"] = "geforce"
-    fp16_tflops: float | None = None  # dense tensor rate with FP32 accumulate, where we have a source
+    fp16_tflops: float | None = None  # dense tensor rate, FP32 accumulate, where sourced
 
     @property
     def sm_name(self) -> str:
@@ -40,9 +40,10 @@ def _registry(*targets: Target) -> dict[str, Target]:
 
 
 # Memory sizes and bandwidths are NVIDIA's published board specs; the 3060 tensor rate is
-# derived in facts/benchmarking.md §7.1 (GeForce Ampere runs FP16 with FP32 accumulate at half rate).
+# derived in facts/benchmarking.md §7.1 (GeForce Ampere: FP16 with FP32 accumulate at half rate).
 TARGETS: dict[str, Target] = _registry(
-    Target("rtx3060-12gb", "GeForce RTX 3060 12 GB (GA106)", 86, 12, 360, _AMPERE, fp16_tflops=25.5),
+    Target("rtx3060-12gb", "GeForce RTX 3060 12 GB (GA106)", 86, 12, 360, _AMPERE,
+           fp16_tflops=25.5),
     Target("rtx3060-8gb", "GeForce RTX 3060 8 GB (GA106, 128-bit)", 86, 8, 240, _AMPERE),
     Target("rtx3070-8gb", "GeForce RTX 3070 8 GB (GA104)", 86, 8, 448, _AMPERE),
     Target("rtx3080-10gb", "GeForce RTX 3080 10 GB (GA102)", 86, 10, 760, _AMPERE),
@@ -59,6 +60,6 @@ TARGETS: dict[str, Target] = _registry(
     Target("l40s-48gb", "L40S 48 GB", 89, 48, 864, _ADA, "datacenter"),
     Target("h100-80gb", "H100 SXM5 80 GB", 90, 80, 3350, _ADA, "datacenter", 989.4),
     Target("h200-141gb", "H200 SXM 141 GB", 90, 141, 4800, _ADA, "datacenter", 989.4),
-    Target("cpu", "Any x86-64/aarch64 CPU (ONNX Runtime)", 0, 0, 0, ("fp32", "fp16", "int8", "int4"),
-           "cpu"),
+    Target("cpu", "Any x86-64/aarch64 CPU (ONNX Runtime)", 0, 0, 0,
+           ("fp32", "fp16", "int8", "int4"), "cpu"),
 )

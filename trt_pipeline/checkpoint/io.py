@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInput, Problem
-from ..fsio import write_text_atomic
+from ..fsio import FILE_MODE, write_text_atomic
 from .desc import ModelDesc
 
 if TYPE_CHECKING:
@@ -163,6 +163,7 @@ class StreamWriter:
         raw += b" " * (-len(raw) % 8)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        os.chmod(self._tmp, FILE_MODE)
         self._f = os.fdopen(fd, "wb")
         self._f.write(struct.pack("<Q", len(raw)) + raw)
 

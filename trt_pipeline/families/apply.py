@@ -117,7 +117,8 @@ def _check_sources(src: HFSource, jobs: list[Job]) -> list[Problem]:
         shapes = [[src.shape(s) for s in g] for g in job.sources]
         got = _combined_shape(shapes, job.stacked)
         if got is None or got != job.spec.shape:
-            desc = " + ".join(f"{s}{list(sh)}" for s, sh in zip(job.sources[0], shapes[0]))
+            pairs = zip(job.sources[0], shapes[0], strict=True)
+            desc = " + ".join(f"{s}{list(sh)}" for s, sh in pairs)
             problems.append(Problem("model.source", f"{job.target}: sources {desc} give "
                                     f"{list(got) if got else 'incompatible shapes'}, config.json "
                                     f"implies {list(job.spec.shape)}", None, str(src.dir)))
@@ -130,7 +131,7 @@ def _combined_shape(shapes: list[list[tuple[int, ...]]], stacked: bool) -> tuple
         rest = {s[1:] for s in group}
         if len(rest) != 1:
             return None
-        per_group.append((sum(s[0] for s in group), *rest.pop()) if group[0] else ())
+        per_group.append((sum(s[0] for s in group), *rest.pop()))
     if len(set(per_group)) != 1:
         return None
     return (len(per_group), *per_group[0]) if stacked else per_group[0]

@@ -58,7 +58,7 @@ class HFSource:
                                         f"file ({exc})", "Re-download the shard.",
                                         str(self.dir / shard))]) from None
             self._files[shard] = f
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 self._where[name] = shard
 
     def _shards(self) -> list[str]:

@@ -7,8 +7,15 @@ class for HunYuan (facts/trtllm.md §11): the rtx and onnx backends build it.
 """
 
 from ..checkpoint.desc import EXTRA
-from .rules import ATTENTION_RULES, DENSE_MLP_RULES, MODEL_RULES, Family, dense_config, head_dim
-from .rules import qk_norm_rules
+from .rules import (
+    ATTENTION_RULES,
+    DENSE_MLP_RULES,
+    MODEL_RULES,
+    Family,
+    dense_config,
+    head_dim,
+    qk_norm_rules,
+)
 
 
 def _rope_alpha(hf: dict) -> float | None:

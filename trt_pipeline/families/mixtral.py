@@ -4,7 +4,7 @@ facts/trtllm.md §7: mlp.fc = concat([w3 (up), w1 (gate)]) per expert, stacked [
 mlp.proj = w2 stacked [E, H, I]; mlp.router [E, H] float32. hidden_act swiglu for MoE.
 """
 
-from .rules import ATTENTION_RULES, L, MODEL_RULES, T, Family, R, dense_config, moe_config
+from .rules import ATTENTION_RULES, MODEL_RULES, Family, L, R, T, dense_config, moe_config
 
 
 def _config(hf: dict) -> dict:

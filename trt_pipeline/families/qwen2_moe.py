@@ -5,8 +5,17 @@ experts, top-k); shared_expert.fc = concat([up, gate]); shared_expert_gate [1, H
 """
 
 from ..checkpoint.desc import EXTRA
-from .rules import ATTENTION_RULES, L, MODEL_RULES, T, Family, R, dense_config, moe_config
-from .rules import sliding_window_check
+from .rules import (
+    ATTENTION_RULES,
+    MODEL_RULES,
+    Family,
+    L,
+    R,
+    T,
+    dense_config,
+    moe_config,
+    sliding_window_check,
+)
 
 
 def _config(hf: dict) -> dict:

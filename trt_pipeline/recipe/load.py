@@ -1,4 +1,4 @@
-"""Read a recipe (with `extends:`), apply overrides, validate; every failure becomes a located Problem."""
+"""Read a recipe (with `extends:`), apply overrides, validate; each failure is a located Problem."""
 
 from __future__ import annotations
 
@@ -109,7 +109,8 @@ def recipe_rules(loaded: LoadedRecipe) -> list[Problem]:
         add("build.kv_cache.dtype", f"fp8 needs SM89 or newer; {b.target} is SM{target.sm}",
             "Set build.kv_cache.dtype=int8 or auto.")
     if b.backend != "trtllm" and (b.tp_size > 1 or b.pp_size > 1):
-        add("build.tp_size", f"tensor/pipeline parallelism needs the trtllm backend, not {b.backend}",
+        add("build.tp_size", "tensor/pipeline parallelism needs the trtllm backend, "
+            f"not {b.backend}",
             "Set build.tp_size=1 and build.pp_size=1.")
     if b.backend == "trtllm" and b.kv_cache.dtype == "float16" and r.model.dtype == "bfloat16":
         add("build.kv_cache.dtype", "float16 KV cache with a bfloat16 model",
@@ -120,7 +121,8 @@ def recipe_rules(loaded: LoadedRecipe) -> list[Problem]:
 # --- reading -----------------------------------------------------------------------------------
 
 
-def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dict[str, str]]:
+def _read_with_extends(path: Path, chain: tuple[Path, ...]
+                       ) -> tuple[dict[str, Any], dict[str, str]]:
     resolved = path.resolve() if path.exists() else path
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in (*chain, resolved))

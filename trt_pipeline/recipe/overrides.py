@@ -1,4 +1,4 @@
-"""Parse and apply command-line overrides `a.b=value` and deletions `~a.b` to the raw recipe dict."""
+"""Parse and apply command-line overrides `a.b=value` and deletions `~a.b` to the raw dict."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class Override:
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> tuple[list[Override], list[Problem]]:
-    """Values parse as YAML scalars/flows, so `x=4` is an int and `x=[1,2]` a list, as in the file."""
+    """Values parse as YAML, so `x=4` is an int and `x=[1,2]` a list, as in the file."""
     out: list[Override] = []
     problems: list[Problem] = []
     for text in items:
@@ -43,8 +43,8 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> tuple[list[Override],
             continue
         key = key.strip()
         if not _KEY.match(key):
-            problems.append(Problem(key, "not a dotted key path", "Write e.g. build.max_batch_size=4.",
-                                    f"override {text}"))
+            problems.append(Problem(key, "not a dotted key path",
+                                    "Write e.g. build.max_batch_size=4.", f"override {text}"))
             continue
         try:
             value = None if delete else yaml.safe_load(raw) if raw.strip() else ""
@@ -71,7 +71,8 @@ def apply_overrides(
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 problems.append(Problem(".".join(parts[: i + 1]),
-                                        f"is a {type(child).__name__}, not a section", None, ov.where))
+                                        f"is a {type(child).__name__}, not a section", None,
+                                        ov.where))
                 node = None
                 break
             node = child

@@ -1,4 +1,4 @@
-"""The recipe schema: one strict pydantic model per YAML section; field descriptions are the docs."""
+"""The recipe schema: a strict pydantic model per YAML section; field descriptions are the docs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 from ..errors import did_you_mean
-
 from ..targets import TARGETS
 
 PluginDtype = Literal["auto", "float16", "bfloat16", "float32", "disable"]
@@ -45,8 +44,9 @@ class CalibSection(Section):
 
 class GateSection(Section):
     max_ppl_ratio: float = Field(
-        1.25, gt=1.0, le=100.0, description="Fail quantize if perplexity(quantized)/perplexity(float) "
-        "on held-out text exceeds this."
+        1.25, gt=1.0, le=100.0,
+        description="Fail quantize if perplexity(quantized)/perplexity(float) on held-out text "
+        "exceeds this."
     )
     min_top1: float = Field(
         0.75, ge=0.0, le=1.0, description="Fail quantize if top-1 agreement with the float model "

@@ -20,17 +20,19 @@ from ..checkpoint.layout import dequantize_linear
 QUANT_SUFFIXES = ("weights_scaling_factor", "prequant_scaling_factor", "per_channel_scale")
 
 
-def load_weights(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """All tensors as float `dtype`, quantized linears dequantized (router kept as stored)."""
+def load_weights(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, prefix: str = ""
+                 ) -> dict[str, torch.Tensor]:
+    """Tensors (all, or those under `prefix`, e.g. one layer) as float `dtype`, quantized
+    linears dequantized."""
     desc = ckpt.desc
     out: dict[str, torch.Tensor] = {}
-    for name in sorted(ckpt.names):
-        prefix, _, leaf = name.rpartition(".")
+    for name in sorted(n for n in ckpt.names if n.startswith(prefix)):
+        module, _, leaf = name.rpartition(".")
         if leaf in QUANT_SUFFIXES:
             continue
-        if leaf == "weight" and desc.quant.quantized(prefix) and ckpt.get(name).dtype == torch.int8:
-            parts = {k: ckpt.get(f"{prefix}.{k}") for k in ("weight", *QUANT_SUFFIXES)
-                     if ckpt.has(f"{prefix}.{k}")}
+        if leaf == "weight" and desc.quant.quantized(module) and ckpt.get(name).dtype == torch.int8:
+            parts = {k: ckpt.get(f"{module}.{k}") for k in ("weight", *QUANT_SUFFIXES)
+                     if ckpt.has(f"{module}.{k}")}
             out[name] = dequantize_linear(parts, desc.quant, dtype)
         else:
             out[name] = ckpt.get(name).to(dtype)
@@ -91,6 +93,8 @@ class KVCache:
 
 
 class ReferenceModel:
+    """The whole model in memory; the quantizer uses the per-layer functions below instead."""
+
     def __init__(self, desc: ModelDesc, weights: dict[str, torch.Tensor],
                  dtype: torch.dtype = torch.float32) -> None:
         self.desc = desc
@@ -108,86 +112,120 @@ class ReferenceModel:
         """Logits [B, S, V] (float32) for input_ids [B, S] appended to `cache` (updated in place).
         `valid` [B, S] marks real tokens (False for left padding)."""
         d = self.desc
-        b, s = input_ids.shape
         cache = cache if cache is not None else KVCache()
         if not cache.keys:
             cache.keys = [None] * d.num_layers
             cache.values = [None] * d.num_layers
+        ctx = Context.make(d, input_ids.shape, cache.valid, valid)
+        h = embed(self.w, input_ids)
+        for i in range(d.num_layers):
+            kv = (cache.keys[i], cache.values[i])
+            h, (cache.keys[i], cache.values[i]) = decoder_layer(d, self.w, i, h, ctx, kv)
+        cache.valid = ctx.valid
+        return lm_head(d, self.w, h)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every layer of one forward step shares: RoPE tables, the attention mask, validity."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor  # [B, 1, S, T] bool, True = attend
+    valid: torch.Tensor  # [B, T] bool
+
+    @classmethod
+    def make(cls, desc: ModelDesc, shape: torch.Size | tuple[int, int],
+             past_valid: torch.Tensor | None, valid: torch.Tensor | None) -> Context:
+        b, s = shape
         new_valid = valid if valid is not None else torch.ones(b, s, dtype=torch.bool)
-        all_valid = new_valid if cache.valid is None else torch.cat([cache.valid, new_valid], 1)
+        all_valid = new_valid if past_valid is None else torch.cat([past_valid, new_valid], 1)
         positions = (all_valid.long().cumsum(1) - 1).clamp(min=0)[:, -s:]
-        cos, sin = rope_cos_sin(d, positions)
+        cos, sin = rope_cos_sin(desc, positions)
         t = all_valid.shape[1]
         causal = torch.ones(s, t, dtype=torch.bool).tril(t - s)
-        mask = causal[None, None] & all_valid[:, None, None, :]
-        h = F.embedding(input_ids, self.w["transformer.vocab_embedding.weight"])
-        for i in range(d.num_layers):
-            p = f"transformer.layers.{i}"
-            x = rms_norm(h, self.w[f"{p}.input_layernorm.weight"], d.norm_epsilon)
-            h = h + self.attention(i, x, cos, sin, mask, cache)
-            x = rms_norm(h, self.w[f"{p}.post_layernorm.weight"], d.norm_epsilon)
-            h = h + (self.moe(i, x) if d.moe else self.mlp(f"{p}.mlp", x))
-        cache.valid = all_valid
-        h = rms_norm(h, self.w["transformer.ln_f.weight"], d.norm_epsilon)
-        head = self.w.get("lm_head.weight", self.w["transformer.vocab_embedding.weight"])
-        return (h @ head.T).to(torch.float32)
+        return cls(cos, sin, causal[None, None] & all_valid[:, None, None, :], all_valid)
 
-    def attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        d, p = self.desc, f"transformer.layers.{i}.attention"
-        b, s, _ = x.shape
-        qkv = x @ self.w[f"{p}.qkv.weight"].T
-        if f"{p}.qkv.bias" in self.w:
-            qkv = qkv + self.w[f"{p}.qkv.bias"]
-        q, k, v = qkv.split([d.q_size, d.kv_size, d.kv_size], dim=-1)
-        q = q.view(b, s, d.num_heads, d.head_size).transpose(1, 2)
-        k = k.view(b, s, d.num_kv_heads, d.head_size).transpose(1, 2)
-        v = v.view(b, s, d.num_kv_heads, d.head_size).transpose(1, 2)
-        if d.qk_norm == "before_rope":
-            q, k = self._qk_norm(p, q, k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if d.qk_norm == "after_rope":
-            q, k = self._qk_norm(p, q, k)
-        if cache.keys[i] is not None:
-            k = torch.cat([cache.keys[i], k], dim=2)
-            v = torch.cat([cache.values[i], v], dim=2)
-        cache.keys[i], cache.values[i] = k, v
-        rep = d.num_heads // d.num_kv_heads
-        out = F.scaled_dot_product_attention(
-            q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, s, d.q_size)
-        return out @ self.w[f"{p}.dense.weight"].T
 
-    def _qk_norm(self, p: str, q: torch.Tensor, k: torch.Tensor):
-        eps = self.desc.norm_epsilon
-        return (rms_norm(q, self.w[f"{p}.q_layernorm.weight"], eps),
-                rms_norm(k, self.w[f"{p}.k_layernorm.weight"], eps))
+KV = tuple[torch.Tensor | None, torch.Tensor | None]
 
-    def mlp(self, p: str, x: torch.Tensor) -> torch.Tensor:
-        """Dense gated MLP: fc is the activated branch, gate the linear one (facts §7)."""
-        return (F.silu(x @ self.w[f"{p}.fc.weight"].T) * (x @ self.w[f"{p}.gate.weight"].T)
-                ) @ self.w[f"{p}.proj.weight"].T
 
-    def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        d, p = self.desc, f"transformer.layers.{i}.mlp"
-        m = d.moe
-        assert m is not None
-        flat = x.reshape(-1, x.shape[-1])
-        logits = flat.to(torch.float32) @ self.w[f"{p}.router.weight"].to(torch.float32).T
-        weights, experts = route(logits, m.top_k, m.normalization)
-        out = torch.zeros_like(flat)
-        fc, proj = self.w[f"{p}.fc.weight"], self.w[f"{p}.proj.weight"]
-        for e in experts.unique().tolist():
-            rows, slot = (experts == e).nonzero(as_tuple=True)
-            out[rows] += weights[rows, slot, None].to(x.dtype) * expert_mlp(flat[rows], fc[e],
-                                                                             proj[e])
-        if m.shared_intermediate_size:
-            shared = expert_mlp(flat, self.w[f"{p}.shared_expert.fc.weight"],
-                                self.w[f"{p}.shared_expert.proj.weight"])
-            if m.shared_gate:
-                shared = torch.sigmoid(flat @ self.w[f"{p}.shared_expert_gate.weight"].T) * shared
-            out = out + shared
-        return out.view_as(x)
+def embed(w: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+    return F.embedding(input_ids, w["transformer.vocab_embedding.weight"])
+
+
+def lm_head(desc: ModelDesc, w: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    h = rms_norm(h, w["transformer.ln_f.weight"], desc.norm_epsilon)
+    head = w.get("lm_head.weight", w["transformer.vocab_embedding.weight"])
+    return (h @ head.T).to(torch.float32)
+
+
+def decoder_layer(d: ModelDesc, w: dict[str, torch.Tensor], i: int, h: torch.Tensor,
+                  ctx: Context, kv: KV = (None, None)) -> tuple[torch.Tensor, KV]:
+    """One decoder layer; `w` needs only this layer's tensors. Returns (h, updated k/v)."""
+    p = f"transformer.layers.{i}"
+    x = rms_norm(h, w[f"{p}.input_layernorm.weight"], d.norm_epsilon)
+    a, kv = attention(d, w, i, x, ctx, kv)
+    h = h + a
+    x = rms_norm(h, w[f"{p}.post_layernorm.weight"], d.norm_epsilon)
+    return h + (moe(d, w, i, x) if d.moe else mlp(w, f"{p}.mlp", x)), kv
+
+
+def attention(d: ModelDesc, w: dict[str, torch.Tensor], i: int, x: torch.Tensor, ctx: Context,
+              kv: KV = (None, None)) -> tuple[torch.Tensor, KV]:
+    p = f"transformer.layers.{i}.attention"
+    b, s, _ = x.shape
+    qkv = x @ w[f"{p}.qkv.weight"].T
+    if f"{p}.qkv.bias" in w:
+        qkv = qkv + w[f"{p}.qkv.bias"]
+    q, k, v = qkv.split([d.q_size, d.kv_size, d.kv_size], dim=-1)
+    q = q.view(b, s, d.num_heads, d.head_size).transpose(1, 2)
+    k = k.view(b, s, d.num_kv_heads, d.head_size).transpose(1, 2)
+    v = v.view(b, s, d.num_kv_heads, d.head_size).transpose(1, 2)
+    if d.qk_norm == "before_rope":
+        q, k = _qk_norm(d, w, p, q, k)
+    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+    if d.qk_norm == "after_rope":
+        q, k = _qk_norm(d, w, p, q, k)
+    if kv[0] is not None:
+        k = torch.cat([kv[0], k], dim=2)
+        v = torch.cat([kv[1], v], dim=2)
+    rep = d.num_heads // d.num_kv_heads
+    out = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), attn_mask=ctx.mask)
+    out = out.transpose(1, 2).reshape(b, s, d.q_size)
+    return out @ w[f"{p}.dense.weight"].T, (k, v)
+
+
+def _qk_norm(d: ModelDesc, w: dict[str, torch.Tensor], p: str, q: torch.Tensor, k: torch.Tensor):
+    return (rms_norm(q, w[f"{p}.q_layernorm.weight"], d.norm_epsilon),
+            rms_norm(k, w[f"{p}.k_layernorm.weight"], d.norm_epsilon))
+
+
+def mlp(w: dict[str, torch.Tensor], p: str, x: torch.Tensor) -> torch.Tensor:
+    """Dense gated MLP: fc is the activated branch, gate the linear one (facts §7)."""
+    return (F.silu(x @ w[f"{p}.fc.weight"].T) * (x @ w[f"{p}.gate.weight"].T)
+            ) @ w[f"{p}.proj.weight"].T
+
+
+def moe(d: ModelDesc, w: dict[str, torch.Tensor], i: int, x: torch.Tensor) -> torch.Tensor:
+    p, m = f"transformer.layers.{i}.mlp", d.moe
+    assert m is not None
+    flat = x.reshape(-1, x.shape[-1])
+    logits = flat.to(torch.float32) @ w[f"{p}.router.weight"].to(torch.float32).T
+    weights, experts = route(logits, m.top_k, m.normalization)
+    out = torch.zeros_like(flat)
+    fc, proj = w[f"{p}.fc.weight"], w[f"{p}.proj.weight"]
+    for e in experts.unique().tolist():
+        rows, slot = (experts == e).nonzero(as_tuple=True)
+        out[rows] += weights[rows, slot, None].to(x.dtype) * expert_mlp(flat[rows], fc[e], proj[e])
+    if m.shared_intermediate_size:
+        shared = expert_mlp(flat, w[f"{p}.shared_expert.fc.weight"],
+                            w[f"{p}.shared_expert.proj.weight"])
+        if m.shared_gate:
+            shared = torch.sigmoid(flat @ w[f"{p}.shared_expert_gate.weight"].T) * shared
+        out = out + shared
+    return out.view_as(x)
 
 
 def route(logits: torch.Tensor, top_k: int, normalization: str

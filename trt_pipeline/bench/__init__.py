@@ -1,0 +1,1 @@
+"""Benchmark workloads, per-request metrics and reports: pure data and arithmetic, no engine."""

@@ -1,0 +1,193 @@
+"""`build-engine`: parse, make one call into the library, print. Imported by nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .cache import Cache
+from .console import err_console, setup_logging
+from .errors import BadInput, PipelineError, bad_input
+from .recipe.load import load_recipe
+
+out = Console(highlight=False, soft_wrap=True)
+
+
+class DefaultToBuild(click.Group):
+    """`build-engine RECIPE ...` is short for `build-engine build RECIPE ...`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["build", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultToBuild, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings only, no progress bars.")
+@click.version_option(package_name="trt-pipeline")
+def cli(verbose: bool, quiet: bool) -> None:
+    """Build, verify and benchmark LLM inference engines from one YAML recipe.
+
+    RECIPE arguments take overrides after them: key.path=value or ~key.path
+    (e.g. build.max_batch_size=4 quantize.method=rtn).
+    """
+    setup_logging(verbose, quiet)
+
+
+recipe_arg = click.argument("recipe", type=click.Path(path_type=Path))
+overrides_arg = click.argument("overrides", nargs=-1)
+
+
+@cli.command()
+@recipe_arg
+@overrides_arg
+def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Check a recipe and its model without building anything."""
+    from .plan import make_plan
+
+    plan = make_plan(load_recipe(recipe, overrides))
+    r = plan.loaded.recipe
+    out.print(f"ok  {r.name}: {plan.family.name} {plan.desc.architecture}, "
+              f"backend {r.build.backend}, target {plan.target.name}")
+
+
+@cli.command()
+@recipe_arg
+@overrides_arg
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Show the stages, their cache keys and which are cached."""
+    from .executor import resolve
+    from .plan import make_plan
+
+    p = make_plan(load_recipe(recipe, overrides))
+    resolved = resolve(p, Cache())
+    rows = [{"stage": r.spec.stage, "key": r.key, "cached": r.cached, "dir": str(r.dir)}
+            for r in resolved]
+    if as_json:
+        out.print_json(json.dumps({"recipe": p.name, "target": p.target.name,
+                                   "family": p.family.name, "stages": rows,
+                                   "notes": list(p.notes)}))
+        return
+    table = Table(title=f"{p.name}: {p.family.name} -> {p.loaded.recipe.build.backend} "
+                  f"({p.target.name})")
+    for col in ("stage", "key", "status", "where"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["stage"], row["key"], "cached" if row["cached"] else "to build",
+                      row["dir"])
+    out.print(table)
+    for note in p.notes:
+        out.print(f"note: {note}")
+
+
+@cli.command()
+@recipe_arg
+@overrides_arg
+@click.option("--force", multiple=True, metavar="STAGE",
+              help="Rebuild this stage even if cached (repeatable; 'all' for every stage).")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+def build(recipe: Path, overrides: tuple[str, ...], force: tuple[str, ...], as_json: bool
+          ) -> None:
+    """Run every stage of RECIPE (reusing the cache) and publish engines/<name>/."""
+    from .executor import default_engines_root, execute
+    from .plan import make_plan
+    from .stages import STAGES
+
+    p = make_plan(load_recipe(recipe, overrides))
+    unknown = [f for f in force if f != "all" and f not in STAGES]
+    if unknown:
+        raise bad_input("--force", f"unknown stage {unknown[0]!r}",
+                        f"Use one of all, {', '.join(STAGES)}.")
+
+    result = execute(p, Cache(), default_engines_root(), force)
+    if as_json:
+        out.print_json(json.dumps({
+            "engine_dir": str(result.engine_dir),
+            "stages": [r.model_dump() for r in result.stages],
+        }))
+    else:
+        for r in result.stages:
+            status = "cached" if r.cached else f"built in {r.seconds:.1f} s"
+            out.print(f"{r.stage:<10} {r.key}  {status}")
+        out.print(f"engine: {result.engine_dir}")
+
+
+@cli.command()
+@click.argument("hf_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+              default="float16", show_default=True)
+@click.option("--family", default="auto", show_default=True, help="Model family or auto.")
+def convert(hf_dir: Path, out_dir: Path, dtype: str, family: str) -> None:
+    """Convert a Hugging Face model directory to a TensorRT-LLM checkpoint."""
+    from .families.apply import convert_checkpoint
+    from .fsio import atomic_output_dir
+
+    with atomic_output_dir(out_dir) as tmp:
+        metrics = convert_checkpoint(hf_dir, tmp, dtype, family)
+    out.print(f"{out_dir}  ({metrics['family']}, {metrics['parameters']:,} parameters)")
+
+
+@cli.command(name="ls")
+def ls_cmd() -> None:
+    """List cached artifacts and published engines with their sizes."""
+    from .executor import default_engines_root
+
+    cache = Cache()
+    table = Table(title=f"cache: {cache.root}")
+    for col in ("stage", "key", "MB", "finished"):
+        table.add_column(col)
+    for e in cache.entries():
+        table.add_row(e.stage, e.key, f"{e.bytes / 1e6:.1f}", e.finished)
+    out.print(table)
+    root = default_engines_root()
+    engines = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) \
+        if root.is_dir() else []
+    for d in engines:
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        out.print(f"engine  {d}  {size / 1e6:.1f} MB")
+
+
+@cli.command()
+@click.option("--stage", default=None, help="Only this stage's artifacts.")
+@click.option("--engines", is_flag=True, help="Also delete published engine dirs.")
+def clean(stage: str | None, engines: bool) -> None:
+    """Delete cached artifacts (all, or one stage's)."""
+    import shutil
+
+    from .executor import default_engines_root
+
+    freed = Cache().remove(stage)
+    out.print(f"freed {freed / 1e6:.1f} MB of cache")
+    if engines and default_engines_root().is_dir():
+        for d in default_engines_root().iterdir():
+            if d.is_dir():
+                shutil.rmtree(d)
+        out.print(f"removed engines under {default_engines_root()}")
+
+
+def main() -> None:
+    """Entry point: bad input exits 2 and a failed stage 1, both without a traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except BadInput as exc:
+        print(exc.render(), file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except PipelineError as exc:
+        print(str(exc), file=sys.stderr)
+        sys.exit(exc.exit_code)

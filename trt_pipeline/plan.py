@@ -1,0 +1,154 @@
+"""Recipe + what the source says -> Plan: stages to run, the target, rules that need the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint.desc import ModelDesc
+from .errors import BadInput, Problem
+from .families import family_for
+from .families.apply import checkpoint_config
+from .families.hf import read_hf_config
+from .families.rules import Family
+from .recipe.load import LoadedRecipe
+from .stages.convert import ConvertParams
+from .stages.source import SourceParams, resolve_source
+from .targets import TARGETS, Target
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage to run: registry name, params, and which earlier stage feeds each input."""
+
+    stage: str
+    params: Any
+    inputs: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Plan:
+    loaded: LoadedRecipe
+    target: Target
+    family: Family
+    source_dir: Path
+    desc: ModelDesc
+    specs: tuple[StageSpec, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.loaded.recipe.name
+
+    @property
+    def final(self) -> StageSpec:
+        return self.specs[-1]
+
+
+def make_plan(loaded: LoadedRecipe) -> Plan:
+    """Resolve the source, detect the family, check every rule that needs the model, and list
+    the stages. Raises BadInput with all problems found."""
+    r = loaded.recipe
+    where = loaded.where
+    try:
+        source_dir = resolve_source(r.model.source, r.model.revision)
+        hf = read_hf_config(source_dir)
+        family = family_for(hf, r.model.family, where("model.family"))
+        cfg = checkpoint_config(family, hf, r.model.dtype)
+    except BadInput as exc:
+        raise BadInput([_locate(p, loaded) for p in exc.problems], _source(loaded)) from None
+    desc = ModelDesc.from_config(cfg)
+    problems = model_rules(loaded, family, desc)
+    if problems:
+        raise BadInput(problems, _source(loaded))
+    specs = [
+        StageSpec("source", SourceParams(str(source_dir), r.model.revision), {}),
+        StageSpec("convert", ConvertParams(r.model.dtype, family.name), {"source": "source"}),
+    ]
+    return Plan(loaded, TARGETS[r.build.target], family, source_dir, desc, tuple(specs),
+                tuple(_notes(loaded)))
+
+
+def model_rules(loaded: LoadedRecipe, family: Family, desc: ModelDesc) -> list[Problem]:
+    """Rules across recipe and model: backend x family, group size x widths, plugins x MoE."""
+    r = loaded.recipe
+    b, q = r.build, r.quantize
+    out: list[Problem] = []
+
+    def add(key: str, msg: str, fix: str | None = None) -> None:
+        out.append(Problem(key, msg, fix, loaded.where(key)))
+
+    if b.backend not in family.backends:
+        note = family.backend_notes.get(b.backend, "")
+        add("build.backend", f"{family.name} cannot be built by the {b.backend} backend"
+            + (f": {note}" if note else ""), f"Use one of {', '.join(family.backends)}.")
+    if b.plugins.moe not in ("auto", "disable") and desc.moe is None:
+        add("build.plugins.moe", f"got {b.plugins.moe!r} but {family.name} is a dense model "
+            "(no experts)", "Set build.plugins.moe=auto.")
+    if b.max_seq_len > desc.max_position_embeddings:
+        add("build.max_seq_len", f"got {b.max_seq_len}; the model supports "
+            f"{desc.max_position_embeddings} positions (max_position_embeddings)",
+            f"Set build.max_seq_len<={desc.max_position_embeddings}.")
+    if b.backend in ("onnx", "rtx") and b.kv_cache.dtype not in ("auto", "float16"):
+        add("build.kv_cache.dtype", f"{b.kv_cache.dtype} KV cache is built by the trtllm "
+            "backend only; onnx and rtx keep it in the activation dtype",
+            "Set build.kv_cache.dtype=auto.")
+    if q.method != "none" and q.group_size != -1:
+        out += _group_rules(loaded, desc)
+    return out
+
+
+def _group_rules(loaded: LoadedRecipe, desc: ModelDesc) -> list[Problem]:
+    import fnmatch
+
+    q = loaded.recipe.quantize
+    g = q.group_size
+    candidates = [lin for lin in desc.quantizable()
+                  if not any(fnmatch.fnmatchcase(lin.name, p) for p in q.exclude)]
+    bad = [lin for lin in candidates if lin.in_features % g]
+    where = loaded.where("quantize.group_size")
+    if candidates and len(bad) == len(candidates):
+        widths = sorted({lin.in_features for lin in candidates})
+        return [Problem("quantize.group_size", f"got {g}; it divides no layer's input width "
+                        f"({', '.join(map(str, widths))})", "Use a group size that divides "
+                        "the hidden and intermediate sizes, or -1 (per channel, rtn).", where)]
+    if bad and not q.skip_indivisible:
+        names = ", ".join(f"{lin.name} (in {lin.in_features})" for lin in bad[:3])
+        return [Problem("quantize.group_size", f"got {g}; it does not divide the input width of "
+                        f"{len(bad)} linears, e.g. {names}",
+                        "Set quantize.skip_indivisible=true to keep them in float.", where)]
+    return []
+
+
+def _notes(loaded: LoadedRecipe) -> list[str]:
+    """Defaults that change a build, said out loud in `plan`."""
+    b = loaded.recipe.build
+    notes = []
+    if b.dtype == "auto":
+        notes.append(f"build.dtype auto -> {engine_dtype(loaded)}")
+    if b.backend == "trtllm" and b.max_num_tokens is None:
+        notes.append(f"build.max_num_tokens default -> {max_num_tokens(loaded)}")
+    return notes
+
+
+def engine_dtype(loaded: LoadedRecipe) -> str:
+    b = loaded.recipe.build
+    if b.dtype != "auto":
+        return b.dtype
+    return "float32" if b.backend == "onnx" else "float16"
+
+
+def max_num_tokens(loaded: LoadedRecipe) -> int:
+    b = loaded.recipe.build
+    return b.max_num_tokens or min(2048, b.max_batch_size * b.max_input_len)
+
+
+def _locate(p: Problem, loaded: LoadedRecipe) -> Problem:
+    if p.where or not p.path:
+        return p
+    return Problem(p.path, p.message, p.fix, loaded.where(p.path))
+
+
+def _source(loaded: LoadedRecipe) -> str:
+    return str(loaded.path) if loaded.path else loaded.recipe.name

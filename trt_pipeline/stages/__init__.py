@@ -1,0 +1,20 @@
+"""STAGES: stage name -> Stage. Each module holds one stage and its Params."""
+
+from __future__ import annotations
+
+from . import convert, source
+from .base import Artifact, Stage, StageContext
+
+
+def _registry(*stages: Stage) -> dict[str, Stage]:
+    out: dict[str, Stage] = {}
+    for s in stages:
+        if s.name in out:
+            raise ValueError(f"duplicate stage {s.name}")
+        out[s.name] = s
+    return out
+
+
+STAGES: dict[str, Stage] = _registry(source.STAGE, convert.STAGE)
+
+__all__ = ["STAGES", "Artifact", "Stage", "StageContext"]
