@@ -22,8 +22,9 @@ class DefaultToBuild(click.Group):
     """`build-engine RECIPE ...` is short for `build-engine build RECIPE ...`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["build", *args]
+        i = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+        if i is not None and args[i] not in self.commands:
+            args = [*args[:i], "build", *args[i:]]
         return super().parse_args(ctx, args)
 
 
@@ -191,3 +192,7 @@ def main() -> None:
     except PipelineError as exc:
         print(str(exc), file=sys.stderr)
         sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
