@@ -128,22 +128,27 @@ def percentile(values: Sequence[float], q: int, method: PercentileMethod) -> flo
     nearest-rank-floor: sorted[floor(N*q/100)], trtllm-bench's `statistics.py`; integer
     arithmetic, so 10 * 90 / 100 is exactly 9, never 8.999...
     """
+    _check_method(method)
     if not values:
         raise ValueError("percentile of no values")
     if not 0 <= q <= 100:
         raise ValueError(f"percentile q must be within 0..100; got {q}")
     if method == "numpy-linear":
         return float(np.percentile(np.asarray(values, dtype=np.float64), q, method="linear"))
-    if method == "nearest-rank-floor":
-        ordered = sorted(values)
-        return float(ordered[min(len(ordered) * q // 100, len(ordered) - 1)])
-    raise ValueError(f"unknown percentile method {method!r}; expected one of "
-                     f"{', '.join(get_args(PercentileMethod))}")
+    ordered = sorted(values)
+    return float(ordered[min(len(ordered) * q // 100, len(ordered) - 1)])
+
+
+def _check_method(method: str) -> None:
+    if method not in get_args(PercentileMethod):
+        raise ValueError(f"unknown percentile method {method!r}; expected one of "
+                         f"{', '.join(get_args(PercentileMethod))}")
 
 
 def stats(values: Sequence[float], method: PercentileMethod = "numpy-linear") -> Stats:
+    """n, mean, population std, min, max and p50/p90/p95/p99 by the named method."""
+    _check_method(method)
     if not values:
-        percentile([1.0], 50, method)  # rejects an unknown method even when there is nothing
         return Stats(method, 0, *([None] * 8))
     arr = np.asarray(values, dtype=np.float64)
     p = [percentile(values, q, method) for q in PERCENTILES]

@@ -11,12 +11,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from ..errors import BadInput, Problem
+from ..errors import BadInput, Problem, did_you_mean
 from ..fsio import write_text_atomic
 
 MAX_PROBLEMS = 50  # a wholly wrong file would otherwise print one line per request
@@ -49,7 +49,7 @@ class WorkloadLine(BaseModel):
 
     task_id: StrictInt
     prompt: StrictStr | None = Field(None, min_length=1)
-    input_ids: list[StrictInt] | None = Field(None, min_length=1)
+    input_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(None, min_length=1)
     output_tokens: StrictInt = Field(ge=1)
     # Part of the format, but our runner loads no adapters and no images: refused by name below.
     lora_request: dict[str, Any] | None = None
@@ -98,16 +98,15 @@ def _parse_line(raw: str, where: str) -> tuple[Request | None, list[Problem]]:
     if not isinstance(obj, dict):
         kind = type(obj).__name__
         return None, [Problem("", f"got a JSON {kind}; expected an object", fix, where)]
+    # Checked on the raw object too, so a line with type errors still reports these.
+    problems = [Problem(k, msg, "Remove the key.", where)
+                for k, msg in _UNSUPPORTED.items() if obj.get(k) is not None]
+    if obj.get("prompt") is None and obj.get("input_ids") is None:
+        problems.append(Problem("prompt", "required (or input_ids)", fix, where))
     try:
         line = WorkloadLine.model_validate(obj)
     except ValidationError as exc:
-        return None, [_problem(err, where) for err in exc.errors()]
-    problems = [Problem(k, msg, "Remove the key.", where)
-                for k, msg in _UNSUPPORTED.items() if getattr(line, k) is not None]
-    if line.prompt is None and line.input_ids is None:
-        problems.append(Problem("prompt", "required (or input_ids)", fix, where))
-    if any(i < 0 for i in line.input_ids or ()):
-        problems.append(Problem("input_ids", "token ids must be >= 0", None, where))
+        return None, [_problem(err, where) for err in exc.errors()] + problems
     if problems:
         return None, problems
     ids = tuple(line.input_ids) if line.input_ids is not None else None
@@ -120,8 +119,9 @@ def _problem(err: Any, where: str) -> Problem:
     if err["type"] == "missing":
         return Problem(key, "required", None, where)
     if err["type"] == "extra_forbidden":
-        return Problem(key, "unknown key", "Valid keys: " + ", ".join(WorkloadLine.model_fields)
-                       + ".", where)
+        fields = list(WorkloadLine.model_fields)
+        fix = did_you_mean(key, fields) or f"Valid keys: {', '.join(fields)}."
+        return Problem(key, "unknown key", fix, where)
     got = err.get("input")
     return Problem(key, f"got {got!r}; {err['msg'][0].lower()}{err['msg'][1:]}", None, where)
 
