@@ -1,0 +1,186 @@
+"""Runner: one generate() over every runtime, reading only an engine dir (or a checkpoint dir).
+
+Requests are batched with left padding; each step feeds one token per sequence to the runtime's
+KV cache and samples per request (runner/sampling.py). Tokens stream out as TokenEvents with the
+text they add, so the CLI, the server and the bench all see the same stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..backends import open_runtime
+from ..errors import BadInput, Problem
+from ..manifest import MANIFEST, read_engine_manifest
+from .sampling import SamplingParams, choose
+from .step import StepModel
+
+__all__ = ["Runner", "SamplingParams", "TokenEvent"]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request: int
+    token_id: int
+    text: str
+    index: int
+    finished: bool
+    finish_reason: str | None = None  # "stop" (EOS, stop id or string) or "length"
+
+
+class Runner:
+    def __init__(self, model: StepModel, tokenizer: Any | None, eos_ids: set[int],
+                 info: dict[str, Any]) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.info = info
+
+    @classmethod
+    def open(cls, path: str | Path) -> Runner:
+        """An engine dir (its manifest says which runtime) or a TensorRT-LLM checkpoint dir
+        (run by the CPU reference model)."""
+        path = Path(path)
+        if (path / MANIFEST).is_file() and json.loads((path / MANIFEST).read_text()).get(
+                "kind") == "engine":
+            manifest = read_engine_manifest(path)
+            runtime, info = manifest.runtime, {"recipe": manifest.recipe,
+                                               "backend": manifest.backend}
+        elif (path / "config.json").is_file() and "architecture" in json.loads(
+                (path / "config.json").read_text()):
+            runtime, info = {"kind": "reference"}, {"backend": "reference"}
+        else:
+            raise BadInput([Problem("ENGINE_DIR", f"{path} is neither an engine dir (no engine "
+                                    f"{MANIFEST}) nor a TensorRT-LLM checkpoint", None)])
+        model = open_runtime(path, runtime)
+        tokenizer = _load_tokenizer(path)
+        info.update(runtime=runtime.get("kind"), path=str(path))
+        return cls(model, tokenizer, _eos_ids(path, tokenizer), info)
+
+    def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+        """Token ids of a prompt; with chat, the tokenizer's own chat template is applied."""
+        if self.tokenizer is None:
+            raise BadInput([Problem("prompt", "this engine dir has no tokenizer",
+                                    "Pass token ids instead of text.")])
+        if not chat:
+            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BadInput([Problem("--chat", "the tokenizer has no chat template", None)])
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                       tokenize=True, return_dict=False))
+
+    def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                       tokenize=True, return_dict=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True) if self.tokenizer else ""
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> Iterator[TokenEvent]:
+        """Stream tokens of every request; batches of at most the runtime's max_batch_size."""
+        params = params or SamplingParams()
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError("one SamplingParams per prompt, or one for all")
+        for p, ids in zip(plist, prompts, strict=True):
+            if not ids:
+                raise BadInput([Problem("prompt", "empty prompt", None)])
+            if len(ids) + p.max_new_tokens > self.model.max_seq_len:
+                raise BadInput([Problem("max_new_tokens", f"prompt ({len(ids)}) + max_new_tokens "
+                                        f"({p.max_new_tokens}) exceeds the engine's max_seq_len "
+                                        f"{self.model.max_seq_len}", None)])
+        size = self.model.max_batch_size
+        for start in range(0, len(prompts), size):
+            yield from self._batch(list(prompts[start:start + size]), plist[start:start + size],
+                                   start)
+
+    def _batch(self, prompts: list[Sequence[int]], params: list[SamplingParams], offset: int
+               ) -> Iterator[TokenEvent]:
+        b, width = len(prompts), max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        pad = 0 if pad is None else pad
+        ids = np.full((b, width), pad, dtype=np.int64)
+        valid = np.zeros((b, width), dtype=bool)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = p
+            valid[i, width - len(p):] = True
+        streams = [_Stream(self, list(p), params[i]) for i, p in enumerate(prompts)]
+        cache = self.model.new_cache(b)
+        logits = self.model.step(ids, cache, valid)
+        while True:
+            nxt = np.full((b, 1), pad, dtype=np.int64)
+            alive = np.zeros((b, 1), dtype=bool)
+            for i, s in enumerate(streams):
+                if s.done:
+                    continue
+                event = s.advance(logits[i], offset + i)
+                yield event
+                if not event.finished:
+                    nxt[i, 0], alive[i, 0] = event.token_id, True
+            if not alive.any():
+                return
+            logits = self.model.step(nxt, cache, alive)
+
+
+class _Stream:
+    """One request's state: sampling RNG, generated ids, streamed text, stop checks."""
+
+    def __init__(self, runner: Runner, prompt: list[int], params: SamplingParams) -> None:
+        self.runner, self.params = runner, params
+        self.seen = list(prompt)
+        self.out: list[int] = []
+        self.text = ""
+        self.done = False
+        self.rng = np.random.default_rng(params.seed)
+
+    def advance(self, logits: np.ndarray, request: int) -> TokenEvent:
+        p = self.params
+        token = choose(logits, self.seen, p, self.rng)
+        self.seen.append(token)
+        self.out.append(token)
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.runner.eos_ids):
+            reason = "stop"
+        full = self.runner.decode(self.out)
+        delta = "" if full.endswith("\ufffd") else full[len(self.text):]
+        for stop in p.stop:
+            cut = full.find(stop)
+            if stop and cut != -1:
+                delta, reason = full[len(self.text):cut], "stop"
+                full = full[:cut]
+                break
+        if delta:
+            self.text += delta
+        if reason is None and len(self.out) >= p.max_new_tokens:
+            reason = "length"
+        self.done = reason is not None
+        return TokenEvent(request, token, delta, len(self.out) - 1, self.done, reason)
+
+
+def _load_tokenizer(path: Path) -> Any | None:
+    if not (path / "tokenizer.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+
+def _eos_ids(path: Path, tokenizer: Any | None) -> set[int]:
+    ids: set[int] = set()
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

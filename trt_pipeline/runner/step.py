@@ -1,0 +1,20 @@
+"""The contract between the runner and a runtime: one forward step over a batch with a KV cache."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class StepModel(Protocol):
+    vocab_size: int
+    max_seq_len: int
+    max_batch_size: int
+
+    def new_cache(self, batch: int) -> Any:
+        """An empty KV cache for `batch` sequences."""
+
+    def step(self, input_ids: np.ndarray, cache: Any, valid: np.ndarray) -> np.ndarray:
+        """Append input_ids [B, S] (int64; `valid` [B, S] False for left padding) to the cache and
+        return the logits of the last position [B, V] as float32."""
