@@ -136,6 +136,67 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str, family: str) -> None:
     out.print(f"{out_dir}  ({metrics['family']}, {metrics['parameters']:,} parameters)")
 
 
+@cli.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, required=True,
+              help="Prompt text (repeatable: the prompts run as one batch).")
+@click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template.")
+@click.option("--system", default=None, help="System message, with --chat.")
+@click.option("--stream/--no-stream", default=True, show_default=True,
+              help="Print tokens as they come.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None,
+              help="Default: the recipe's runner.max_new_tokens, else 64.")
+@click.option("--temperature", type=click.FloatRange(0), default=None)
+@click.option("--top-k", type=click.IntRange(0), default=None)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
+@click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+def run(engine_dir: Path, prompts: tuple[str, ...], chat: bool, system: str | None, stream: bool,
+        **sampling: object) -> None:
+    """Generate text with an engine dir (or a checkpoint dir, on the CPU reference model)."""
+    from .runner import Runner
+    from .runner.defaults import sampling_params
+
+    runner = Runner.open(engine_dir)
+    params = sampling_params(engine_dir, sampling)
+    ids = [runner.encode(p, chat=chat, system=system) for p in prompts]
+    texts = [""] * len(ids)
+    for event in runner.generate(ids, params):
+        texts[event.request] += event.text
+        if stream and len(ids) == 1:
+            out.print(event.text, end="")
+    if stream and len(ids) == 1:
+        out.print()
+    else:
+        for prompt, text in zip(prompts, texts, strict=True):
+            out.print(f"[bold]{prompt}[/]{text}")
+
+
+@cli.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--against", "hf_dir", type=click.Path(path_type=Path), required=True,
+              help="The Hugging Face model directory the artifact was built from.")
+@click.option("--text", default="builtin", show_default=True,
+              help="Text to evaluate on: builtin (held-out Shakespeare), random, or a file.")
+@click.option("--tokens", type=click.IntRange(16), default=512, show_default=True)
+@click.option("--window", type=click.IntRange(2), default=128, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(artifact_dir: Path, hf_dir: Path, text: str, tokens: int, window: int,
+           as_json: bool) -> None:
+    """Compare an artifact's logits with its Hugging Face source."""
+    from .verify import verify as run_verify
+
+    report = run_verify(artifact_dir, hf_dir, text, tokens, window)
+    if as_json:
+        out.print_json(json.dumps(report.as_dict()))
+        return
+    out.print(f"{report.artifact} ({report.runtime}) vs {hf_dir}: {report.tokens} tokens")
+    out.print(f"  max |logit diff| {report.max_abs_diff:.3g}   mean {report.mean_abs_diff:.3g}")
+    out.print(f"  top-1 agreement  {report.top1_agreement:.4f}")
+    out.print(f"  perplexity       artifact {report.ppl_artifact:.3f}   hf {report.ppl_hf:.3f}")
+
+
 @cli.command(name="ls")
 def ls_cmd() -> None:
     """List cached artifacts and published engines with their sizes."""

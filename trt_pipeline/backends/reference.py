@@ -26,7 +26,7 @@ class ReferenceStep:
     def step(self, input_ids: np.ndarray, cache: KVCache, valid: np.ndarray) -> np.ndarray:
         logits = self.model.forward(torch.from_numpy(input_ids).long(), cache,
                                     torch.from_numpy(valid).bool())
-        return logits[:, -1].numpy()
+        return logits.numpy()
 
 
 def open_runtime(engine_dir: Path, runtime: dict[str, Any]) -> ReferenceStep:

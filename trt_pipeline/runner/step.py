@@ -17,4 +17,4 @@ class StepModel(Protocol):
 
     def step(self, input_ids: np.ndarray, cache: Any, valid: np.ndarray) -> np.ndarray:
         """Append input_ids [B, S] (int64; `valid` [B, S] False for left padding) to the cache and
-        return the logits of the last position [B, V] as float32."""
+        return the logits of every position [B, S, V] as float32."""
