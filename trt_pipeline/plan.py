@@ -13,7 +13,10 @@ from .families.apply import checkpoint_config
 from .families.hf import read_hf_config
 from .families.rules import Family
 from .recipe.load import LoadedRecipe
+from .stages.build_trtllm import BuildTrtllmParams
 from .stages.convert import ConvertParams
+from .stages.lower import LowerParams
+from .stages.quantize import QuantizeParams
 from .stages.source import SourceParams, resolve_source
 from .targets import TARGETS, Target
 
@@ -62,12 +65,30 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     problems = model_rules(loaded, family, desc)
     if problems:
         raise BadInput(problems, _source(loaded))
+    return Plan(loaded, TARGETS[r.build.target], family, source_dir, desc,
+                tuple(stage_specs(loaded, family, source_dir)), tuple(_notes(loaded)))
+
+
+def stage_specs(loaded: LoadedRecipe, family: Family, source_dir: Path) -> list[StageSpec]:
+    """source -> convert -> [quantize] -> the backend's stages; the last one is the engine."""
+    r = loaded.recipe
+    b = r.build
     specs = [
         StageSpec("source", SourceParams(str(source_dir), r.model.revision), {}),
         StageSpec("convert", ConvertParams(r.model.dtype, family.name), {"source": "source"}),
     ]
-    return Plan(loaded, TARGETS[r.build.target], family, source_dir, desc, tuple(specs),
-                tuple(_notes(loaded)))
+    ckpt = "convert"
+    if r.quantize.method != "none":
+        specs.append(StageSpec("quantize", QuantizeParams.from_recipe(r.quantize, b.backend),
+                               {"checkpoint": "convert"}))
+        ckpt = "quantize"
+    if b.backend == "onnx":
+        specs.append(StageSpec("lower", LowerParams(engine_dtype(loaded)), {"checkpoint": ckpt}))
+    elif b.backend == "trtllm":
+        params = BuildTrtllmParams.from_build(b, target_sm=TARGETS[b.target].sm,
+                                              max_num_tokens=max_num_tokens(loaded))
+        specs.append(StageSpec("build_trtllm", params, {"checkpoint": ckpt}))
+    return specs
 
 
 def model_rules(loaded: LoadedRecipe, family: Family, desc: ModelDesc) -> list[Problem]:
@@ -96,6 +117,14 @@ def model_rules(loaded: LoadedRecipe, family: Family, desc: ModelDesc) -> list[P
             "Set build.kv_cache.dtype=auto.")
     if q.method != "none" and q.group_size != -1:
         out += _group_rules(loaded, desc)
+    if b.backend == "trtllm" and q.method == "awq" and desc.moe is not None:
+        # facts/trtllm.md §10 and the 1.2.1 sources: AWQ for MoE in the engine flow is unproven
+        # (#1580; Model-Optimizer PR #155), and the MoE plugin keeps one pre-quant scale for all
+        # experts (modeling_utils.py preprocess_perlayer_weights), which per-expert AWQ is not.
+        add("quantize.method", f"awq with the MoE family {family.name} on trtllm is not "
+            "supported by TensorRT-LLM 1.2.1's engine flow",
+            "Use quantize.method=rtn with quantize.group_size=-1 (W4A16 weight-only, MoE "
+            "plugin), or build.backend=rtx.")
     return out
 
 

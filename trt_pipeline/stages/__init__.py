@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import convert, source
+from . import build_trtllm, convert, lower, quantize, source
 from .base import Artifact, Stage, StageContext
 
 
@@ -15,6 +15,8 @@ def _registry(*stages: Stage) -> dict[str, Stage]:
     return out
 
 
-STAGES: dict[str, Stage] = _registry(source.STAGE, convert.STAGE)
+STAGES: dict[str, Stage] = _registry(
+    source.STAGE, convert.STAGE, quantize.STAGE, lower.STAGE, build_trtllm.STAGE
+)
 
 __all__ = ["STAGES", "Artifact", "Stage", "StageContext"]

@@ -113,7 +113,6 @@ class OnnxModel:
         cache.valid = all_valid
         return named["logits"].numpy()
 
-
     def new_cache(self, batch: int) -> OnnxKVCache:
         return OnnxKVCache()
 
@@ -122,9 +121,10 @@ class OnnxModel:
 
 
 def open_runtime(engine_dir: Path, runtime: dict[str, Any]) -> OnnxModel:
-    """backends.RUNTIMES entry: model.onnx in engine_dir; `threads` and `accuracy_level` from the
-    manifest's runtime dict when it records them."""
-    return OnnxModel.load(engine_dir, threads=runtime.get("threads"),
+    """backends.RUNTIMES entry: model.onnx in engine_dir (or its `model_dir`); `threads` and
+    `accuracy_level` from the manifest's runtime dict when it records them."""
+    return OnnxModel.load(Path(engine_dir) / runtime.get("model_dir", "."),
+                          threads=runtime.get("threads"),
                           accuracy_level=runtime.get("accuracy_level", EXACT))
 
 

@@ -1,0 +1,36 @@
+"""The lower stage: a checkpoint -> one standard ONNX graph (the onnx backend's engine, and what
+the rtx backend builds from)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .base import Stage, StageContext
+
+
+@dataclass(frozen=True)
+class LowerParams:
+    dtype: str  # float32 (CPU) or float16 (GPU engines)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from ..backends.onnx.lower import lower_checkpoint
+    from ..families.hf import TOKENIZER_FILES
+
+    src = ctx.inputs["checkpoint"].dir
+    metrics = lower_checkpoint(src, ctx.out, ctx.params.dtype)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            (ctx.out / name).write_bytes((src / name).read_bytes())
+    metrics["runtime"] = {"kind": "onnxruntime", "model_dir": ".", "dtype": ctx.params.dtype}
+    return metrics
+
+
+STAGE = Stage(
+    name="lower",
+    run=run,
+    code=("stages/lower.py", "backends/onnx/lower.py", "backends/onnx/ops.py", "checkpoint",
+          "reference/model.py"),
+    vendors=("onnx", "torch", "safetensors"),
+)
