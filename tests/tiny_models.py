@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 COMMON = dict(vocab_size=512, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+              num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
 
 def _configs():
