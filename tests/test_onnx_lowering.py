@@ -196,7 +196,7 @@ def test_graph_io_contract(lowered):
             assert (elem(present), dims(present)) == (f16, ["batch", 2, "total", 64])
     assert len(ins) == len(outs) + 2 == 3 + 4
     model = OnnxModel.load(graph)  # the runner's StepModel reads the rest from the graph
-    assert (model.vocab_size, model.max_seq_len, model.num_layers) == (VOCAB, 512, 2)
+    assert (model.vocab_size, model.max_seq_len, model.num_layers) == (VOCAB, 4096, 2)
 
 
 def test_int4_initializer_is_the_checkpoint_nibbles(lowered):

@@ -44,14 +44,16 @@ def build(recipe: Path, *overrides: str, force: tuple[str, ...] = ()):
 
 def test_build_then_everything_cached(recipe):
     first = build(recipe)
-    assert [(r.stage, r.cached) for r in first.stages] == [("source", True), ("convert", False)]
+    assert [(r.stage, r.cached) for r in first.stages] == [
+        ("source", True), ("convert", False), ("lower", False)]
     second = build(recipe)
-    assert [r.cached for r in second.stages] == [True, True]
+    assert [r.cached for r in second.stages] == [True, True, True]
     assert [r.key for r in first.stages] == [r.key for r in second.stages]
     m = read_engine_manifest(first.engine_dir)
     assert m.recipe == "demo" and m.backend == "onnx" and m.target == "cpu"
     names = {f.path for f in m.files}
-    assert {"config.json", "rank0.safetensors", "tokenizer.json", "recipe.yaml"} <= names
+    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "recipe.yaml"} <= names
+    assert m.runtime["kind"] == "onnxruntime"
 
 
 def test_manifest_records_inputs_params_versions_and_hashes(recipe):
@@ -75,9 +77,12 @@ def test_keys_change_only_with_what_a_stage_depends_on(recipe):
         return {r.spec.stage: r.key for r in resolve(make_plan(load_recipe(recipe, ov)), Cache())}
 
     base = keys()
-    assert keys("build.max_batch_size=4") == base  # a build limit never rebuilds convert
+    assert keys("build.max_batch_size=4") == base  # the onnx graph has no build limits
+    assert keys("runner.max_new_tokens=3") == base  # nor do runner settings
     changed = keys("model.dtype=float32")
     assert changed["source"] == base["source"] and changed["convert"] != base["convert"]
+    lowered = keys("build.dtype=float16")
+    assert lowered["convert"] == base["convert"] and lowered["lower"] != base["lower"]
 
 
 def test_source_key_follows_content_not_path(recipe, tmp_path):
@@ -96,7 +101,7 @@ def test_source_key_follows_content_not_path(recipe, tmp_path):
 def test_force_rebuilds_one_stage(recipe):
     build(recipe)
     again = build(recipe, force=("convert",))
-    assert [r.cached for r in again.stages] == [True, False]
+    assert [r.cached for r in again.stages] == [True, False, True]
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -118,7 +123,7 @@ def test_cli_exit_codes_and_no_traceback(recipe, tmp_path):
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert Path(summary["engine_dir"]).name == "demo"
-    assert [s["stage"] for s in summary["stages"]] == ["source", "convert"]
+    assert [s["stage"] for s in summary["stages"]] == ["source", "convert", "lower"]
 
 
 def test_convert_command_refuses_to_overwrite(tmp_path):
@@ -182,8 +187,8 @@ def test_two_builds_of_one_recipe_at_once(recipe):
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     summaries = [json.loads(o[0]) for o in outs]
-    built = [s["stages"][1]["cached"] for s in summaries]
-    assert sorted(built) == [False, True]  # one built convert, the other waited and reused it
+    for i in (1, 2):  # each stage built once; the other build waited on its lock and reused it
+        assert sorted(s["stages"][i]["cached"] for s in summaries) == [False, True]
     entries = Cache().entries()
-    assert [e.stage for e in entries] == ["convert"]
+    assert sorted(e.stage for e in entries) == ["convert", "lower"]
     assert read_engine_manifest(Path(summaries[0]["engine_dir"])).files

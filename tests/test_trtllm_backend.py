@@ -288,7 +288,7 @@ def test_stage_refuses_before_splitting(tiny_ckpt, tmp_path):
 def test_hunyuan_is_refused_for_trtllm(tiny_hf):
     with pytest.raises(BadInput) as e:
         make_plan(load_recipe(REPO / "recipes/llama-3.2-1b-int4-awq-trtllm.yaml", [
-            f"model.source={tiny_hf['hunyuan']}", "build.max_seq_len=512",
+            f"model.source={tiny_hf['hunyuan']}", "model.family=auto", "build.max_seq_len=512",
             "build.max_input_len=256"]))
     msg = str(e.value)
     assert "build.backend: hunyuan cannot be built by the trtllm backend" in msg
