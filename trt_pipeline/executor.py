@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .cache import Cache
+from .checkpoint.io import copy_tokenizer
 from .errors import BadInput, StageFailed
-from .families.hf import TOKENIZER_FILES
 from .fsio import link_or_copy, replace_dir, write_text_atomic
 from .manifest import (
     MANIFEST,
@@ -164,10 +164,7 @@ def publish(plan: Plan, artifacts: dict[str, Artifact], records: list[StageRecor
                 rel = f.relative_to(final.dir)
                 if f.is_file() and rel.as_posix() not in (MANIFEST, STAGE_LOG):
                     link_or_copy(f, tmp / rel)
-            source = artifacts["source"].dir
-            for n in TOKENIZER_FILES:
-                if (source / n).is_file() and not (tmp / n).exists():
-                    shutil.copy2(source / n, tmp / n)
+            copy_tokenizer(artifacts["source"].dir, tmp)
             write_text_atomic(tmp / RECIPE_FILE, plan.loaded.to_yaml())
             versions: dict[str, str] = {}
             for a in artifacts.values():

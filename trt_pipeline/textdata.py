@@ -79,9 +79,10 @@ def random_ids(count: int, length: int, vocab_size: int, seed: int) -> torch.Ten
 
 def eval_windows(text: str, model_dir: Path, vocab_size: int, tokens: int, window: int,
                  key: str) -> torch.Tensor:
-    """Held-out evaluation windows [tokens // window, window] in text order (never shuffled)."""
+    """Held-out evaluation windows [tokens // window, window] from the start of the text
+    ("builtin" = data/heldout.txt, never used for calibration) or seeded random ids."""
     count = max(1, tokens // window)
     if text == "random":
-        return random_ids(count, window, vocab_size, seed=1234)
+        return random_ids(count, window, vocab_size, seed=1)
     ids = tokenize(read_text(text, BUILTIN["heldout"], key), model_dir, vocab_size, key)
     return windows(ids, count, window, None, key, "evaluation text")

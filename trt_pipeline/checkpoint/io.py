@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     import torch
 
 CONFIG = "config.json"
+# Carried beside every checkpoint and engine: the runner reads only the engine dir.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "generation_config.json", "added_tokens.json")
 ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8", "int32": "I32",
              "int64": "I64", "uint8": "U8", "bool": "BOOL"}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "int32": 4, "int64": 8,
@@ -97,6 +101,17 @@ def _linear_tensors(desc: ModelDesc, name: str, fan_in: int, fan_out: int, exper
         f"{name}.weight": TensorSpec((*lead, fan_in, cols), "int8"),
         f"{name}.per_channel_scale": TensorSpec((*lead, fan_out), dt),
     }
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    """Copy (hard-link when possible) the tokenizer files src has into dst; returns their names."""
+    from ..fsio import link_or_copy
+
+    names = [n for n in TOKENIZER_FILES if (Path(src) / n).is_file()]
+    for n in names:
+        if not (Path(dst) / n).exists():
+            link_or_copy(Path(src) / n, Path(dst) / n)
+    return names
 
 
 def read_config(ckpt_dir: Path) -> dict[str, Any]:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..checkpoint.desc import EXTRA, ModelDesc
-from ..checkpoint.io import StreamWriter, TensorSpec, expected_tensors, rank_file, write_config
+from ..checkpoint.io import (
+    StreamWriter,
+    TensorSpec,
+    copy_tokenizer,
+    expected_tensors,
+    rank_file,
+    write_config,
+)
 from ..console import track
 from ..errors import BadInput, Problem
 from . import family_for
@@ -177,6 +183,5 @@ def convert_checkpoint(hf_dir: Path, out_dir: Path, dtype: str = "float16",
             writer.write(job.target, tensor)
             del tensor
     write_config(out_dir, cfg)
-    for f in src.tokenizer_files():
-        shutil.copy2(f, out_dir / f.name)
+    copy_tokenizer(src.dir, out_dir)
     return {"family": fam.name, "parameters": params, "tensors": len(jobs)}

@@ -6,16 +6,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..checkpoint.io import TOKENIZER_FILES
 from ..errors import BadInput, Problem
 
 if TYPE_CHECKING:
     import torch
 
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
-                   "generation_config.json", "added_tokens.json")
-
 
 def read_hf_config(model_dir: Path, key: str = "model.source") -> dict[str, Any]:
     path = model_dir / "config.json"

@@ -11,20 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.model import ReferenceModel
-from .calib import BUILTIN, random_ids, read_text, tokenize, windows
+from ..textdata import eval_windows
 
 BATCH = 4  # windows per forward: bounds the [B, S, vocab] logits held at once
-
-
-def heldout_ids(text: str, ckpt_dir: Path, vocab_size: int, tokens: int, seq_len: int,
-                key: str = "quantize.gate.text") -> torch.Tensor:
-    """Non-overlapping windows [n, seq_len] covering `tokens` tokens, from the start of the text
-    ("builtin" = trt_pipeline/data/heldout.txt, never used for calibration) or seeded random ids."""
-    count = max(1, tokens // seq_len)
-    if text == "random":
-        return random_ids(count, seq_len, vocab_size, seed=1)
-    ids = tokenize(read_text(text, BUILTIN["heldout"], key), ckpt_dir, vocab_size, key)
-    return windows(ids, count, seq_len, None, key, "held-out text")
 
 
 @torch.no_grad()
@@ -35,7 +24,8 @@ def evaluate(float_ckpt: Path, quant_ckpt: Path, text: str = "builtin", tokens: 
     ref = ReferenceModel.load(Path(float_ckpt))
     quant = ReferenceModel.load(Path(quant_ckpt))
     seq_len = min(seq_len, tokens, ref.desc.max_position_embeddings)
-    ids = heldout_ids(text, Path(float_ckpt), ref.desc.vocab_size, tokens, seq_len)
+    ids = eval_windows(text, Path(float_ckpt), ref.desc.vocab_size, tokens, seq_len,
+                       key="quantize.gate.text")
     nll_f = nll_q = 0.0
     agree = count = 0
     for batch in ids.split(BATCH):

@@ -23,7 +23,14 @@ from typing import Any, Literal
 import torch
 
 from ..checkpoint.desc import NEVER_QUANTIZED, ModelDesc
-from ..checkpoint.io import Checkpoint, StreamWriter, expected_tensors, rank_file, write_config
+from ..checkpoint.io import (
+    Checkpoint,
+    StreamWriter,
+    copy_tokenizer,
+    expected_tensors,
+    rank_file,
+    write_config,
+)
 from ..console import track
 from ..errors import BadInput, Problem
 from ..fsio import replace_dir
@@ -34,10 +41,6 @@ from .pack import linear_tensors
 from .schemes import Scheme, select_scheme
 
 log = logging.getLogger(__name__)
-# Same names as families/hf.py TOKENIZER_FILES (quant may not import families).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
-                   "generation_config.json", "added_tokens.json")
 # Rows of each linear's input that the AWQ scale search measures its loss on (attention: whole
 # sequences, ceil(SEARCH_TOKENS / seq_len) of them). mean|x| and the clip objective use every
 # calibration token; only the loss is sampled, because the 20-point search costs about 26 layer
@@ -148,9 +151,7 @@ def quantize_checkpoint(src: Path, out: Path, params: QuantParams) -> dict[str, 
         tmp.mkdir(parents=True)
         metrics = _write_tensors(ckpt, desc, tmp / rank_file(0), ids)
         write_config(tmp, cfg)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+        copy_tokenizer(src, tmp)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..backends.rtx.build import RtxBuildSpec, build_engine
-from ..fsio import link_or_copy
 from .base import Stage, StageContext
 
 
@@ -33,14 +32,12 @@ class BuildRtxParams:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from ..families.hf import TOKENIZER_FILES
+    from ..checkpoint.io import copy_tokenizer
 
     p: BuildRtxParams = ctx.params
     src = ctx.inputs["onnx"].dir
     metrics = build_engine(src, ctx.out, p.spec())
-    for name in TOKENIZER_FILES:  # the runner reads only the engine dir
-        if (src / name).is_file():
-            link_or_copy(src / name, ctx.out / name)
+    copy_tokenizer(src, ctx.out)  # the runner reads only the engine dir
     return metrics
 
 

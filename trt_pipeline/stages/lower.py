@@ -16,13 +16,11 @@ class LowerParams:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     from ..backends.onnx.lower import lower_checkpoint
-    from ..families.hf import TOKENIZER_FILES
+    from ..checkpoint.io import copy_tokenizer
 
     src = ctx.inputs["checkpoint"].dir
     metrics = lower_checkpoint(src, ctx.out, ctx.params.dtype)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            (ctx.out / name).write_bytes((src / name).read_bytes())
+    copy_tokenizer(src, ctx.out)
     metrics["runtime"] = {"kind": "onnxruntime", "model_dir": ".", "dtype": ctx.params.dtype}
     return metrics
 
