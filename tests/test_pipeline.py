@@ -1,4 +1,4 @@
-"""The pipeline machinery: cache keys, reuse, partial rebuilds, kills, concurrent builds, the CLI."""
+"""The pipeline machinery: cache keys, reuse, partial rebuilds, kills, concurrent builds, CLI."""
 
 from __future__ import annotations
 
@@ -45,15 +45,16 @@ def build(recipe: Path, *overrides: str, force: tuple[str, ...] = ()):
 def test_build_then_everything_cached(recipe):
     first = build(recipe)
     assert [(r.stage, r.cached) for r in first.stages] == [
-        ("source", True), ("convert", False), ("lower", False)]
+        ("source", True), ("convert", False), ("lower", False), ("verify", False)]
     second = build(recipe)
-    assert [r.cached for r in second.stages] == [True, True, True]
+    assert [r.cached for r in second.stages] == [True, True, True, True]
     assert [r.key for r in first.stages] == [r.key for r in second.stages]
     m = read_engine_manifest(first.engine_dir)
     assert m.recipe == "demo" and m.backend == "onnx" and m.target == "cpu"
     names = {f.path for f in m.files}
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "recipe.yaml"} <= names
     assert m.runtime["kind"] == "onnxruntime"
+    assert m.metrics["verify"]["top1_agreement"] == 1.0  # float32 graph vs transformers
 
 
 def test_manifest_records_inputs_params_versions_and_hashes(recipe):
@@ -101,7 +102,7 @@ def test_source_key_follows_content_not_path(recipe, tmp_path):
 def test_force_rebuilds_one_stage(recipe):
     build(recipe)
     again = build(recipe, force=("convert",))
-    assert [r.cached for r in again.stages] == [True, False, True]
+    assert [r.cached for r in again.stages] == [True, False, True, True]
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -110,7 +111,8 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_cli_exit_codes_and_no_traceback(recipe, tmp_path):
-    cache, engines = Path(os.environ["TRT_PIPELINE_CACHE"]), Path(os.environ["TRT_PIPELINE_ENGINES"])
+    cache = Path(os.environ["TRT_PIPELINE_CACHE"])
+    engines = Path(os.environ["TRT_PIPELINE_ENGINES"])
     bad = tmp_path / "bad.yaml"
     bad.write_text(RECIPE.replace("target: cpu", "target: cpu\n  max_batch_sise: 2"))
     for args in (["validate", str(bad)], [str(bad)], ["build", str(tmp_path / "missing.yaml")],
@@ -123,7 +125,7 @@ def test_cli_exit_codes_and_no_traceback(recipe, tmp_path):
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert Path(summary["engine_dir"]).name == "demo"
-    assert [s["stage"] for s in summary["stages"]] == ["source", "convert", "lower"]
+    assert [s["stage"] for s in summary["stages"]] == ["source", "convert", "lower", "verify"]
 
 
 def test_convert_command_refuses_to_overwrite(tmp_path):
@@ -187,8 +189,8 @@ def test_two_builds_of_one_recipe_at_once(recipe):
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     summaries = [json.loads(o[0]) for o in outs]
-    for i in (1, 2):  # each stage built once; the other build waited on its lock and reused it
+    for i in (1, 2, 3):  # each stage built once; the other build waited on its lock and reused it
         assert sorted(s["stages"][i]["cached"] for s in summaries) == [False, True]
     entries = Cache().entries()
-    assert sorted(e.stage for e in entries) == ["convert", "lower"]
+    assert sorted(e.stage for e in entries) == ["convert", "lower", "verify"]
     assert read_engine_manifest(Path(summaries[0]["engine_dir"])).files

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import memory_fit
 from .cache import Cache
 from .checkpoint.io import copy_tokenizer
 from .errors import BadInput, StageFailed
@@ -151,7 +152,7 @@ def publish(plan: Plan, artifacts: dict[str, Artifact], records: list[StageRecor
             engines_root: Path) -> Path:
     """engines/<name>/ = the final artifact's files + tokenizer + resolved recipe + manifest,
     assembled in a temp dir and swapped in under a lock: readers never see a partial dir."""
-    final = artifacts[plan.final.stage]
+    final = artifacts[plan.engine_stage]
     engines_root.mkdir(parents=True, exist_ok=True)
     target = engines_root / plan.name
     lock_path = engines_root / f".{plan.name}.lock"
@@ -175,10 +176,22 @@ def publish(plan: Plan, artifacts: dict[str, Artifact], records: list[StageRecor
                 target=plan.target.name, sm=plan.target.sm,
                 runtime=final.metrics.get("runtime", {"stage": final.stage}),
                 stages=records, versions=versions, created=now_iso(), files=list_files(tmp),
-                metrics={a.stage: a.metrics for a in artifacts.values() if a.stage != "source"})
+                metrics=_engine_metrics(plan, artifacts))
             write_manifest(tmp, manifest)
             replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+def _engine_metrics(plan: Plan, artifacts: dict[str, Artifact]) -> dict[str, Any]:
+    """Every stage's metrics, and the planner's estimate beside TensorRT's own memory figures."""
+    out: dict[str, Any] = {a.stage: a.metrics for a in artifacts.values() if a.stage != "source"}
+    if plan.estimate is not None:
+        fit: dict[str, Any] = {"estimate": plan.estimate.as_dict()}
+        trt = artifacts[plan.engine_stage].metrics.get("trt")
+        if trt:
+            fit["vs_tensorrt"] = memory_fit.compare(plan.estimate, trt)
+        out["memory_fit"] = fit
+    return out

@@ -74,6 +74,12 @@ class MemoryEstimate:
         return (self.weights_bytes + KV_COPIES * self.kv_cache_bytes + self.activations_bytes
                 + self.overhead_bytes)
 
+    def as_dict(self) -> dict[str, int]:
+        """The figures as recorded in an engine manifest."""
+        return {"weights_bytes": self.weights_bytes, "kv_cache_bytes": self.kv_cache_bytes,
+                "kv_copies": KV_COPIES, "activations_bytes": self.activations_bytes,
+                "overhead_bytes": self.overhead_bytes, "total_bytes": self.total_bytes}
+
     def fits(self, target: Target | None = None, margin: float = SAFETY_MARGIN) -> bool:
         """Whether the total fits `target` (default: the one estimated for) less the margin."""
         return self.total_bytes <= usable_bytes(target or self.request.target, margin)

@@ -6,18 +6,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint.desc import ModelDesc
+from . import memory_fit
+from .checkpoint.desc import NEVER_QUANTIZED, ModelDesc
 from .errors import BadInput, Problem
 from .families import family_for
 from .families.apply import checkpoint_config
 from .families.hf import read_hf_config
 from .families.rules import Family
+from .memory_fit import MemoryEstimate
 from .recipe.load import LoadedRecipe
+from .recipe.schema import QuantizeSection
+from .stages.build_rtx import BuildRtxParams
 from .stages.build_trtllm import BuildTrtllmParams
 from .stages.convert import ConvertParams
 from .stages.lower import LowerParams
 from .stages.quantize import QuantizeParams
 from .stages.source import SourceParams, resolve_source
+from .stages.verify import VerifyParams
 from .targets import TARGETS, Target
 
 
@@ -38,15 +43,13 @@ class Plan:
     source_dir: Path
     desc: ModelDesc
     specs: tuple[StageSpec, ...]
+    engine_stage: str  # whose artifact is published as engines/<name>/
+    estimate: MemoryEstimate | None = None
     notes: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return self.loaded.recipe.name
-
-    @property
-    def final(self) -> StageSpec:
-        return self.specs[-1]
 
 
 def make_plan(loaded: LoadedRecipe) -> Plan:
@@ -62,11 +65,30 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     except BadInput as exc:
         raise BadInput([_locate(p, loaded) for p in exc.problems], _source(loaded)) from None
     desc = ModelDesc.from_config(cfg)
+    target = TARGETS[r.build.target]
     problems = model_rules(loaded, family, desc)
+    estimate = None
+    if target.kind != "cpu":
+        estimate = memory_fit.estimate(desc, weight_bits(r.quantize), engine_dtype(loaded),
+                                       r.build.max_batch_size, r.build.max_input_len,
+                                       r.build.max_seq_len, target,
+                                       group_size=max(r.quantize.group_size, 1))
+        problems += [_locate(p, loaded) for p in memory_fit.fit_problems(
+            estimate, target, r.quantize.method, r.build.backend)]
     if problems:
         raise BadInput(problems, _source(loaded))
-    return Plan(loaded, TARGETS[r.build.target], family, source_dir, desc,
-                tuple(stage_specs(loaded, family, source_dir)), tuple(_notes(loaded)))
+    specs = stage_specs(loaded, family, source_dir)
+    engine_stage = next(s.stage for s in reversed(specs) if s.stage != "verify")
+    return Plan(loaded, target, family, source_dir, desc, tuple(specs), engine_stage, estimate,
+                tuple(_notes(loaded)))
+
+
+def weight_bits(q: QuantizeSection) -> dict[str, int]:
+    """fnmatch pattern -> weight bits as the quantize stage will store them (first match wins;
+    16 = float at the engine dtype)."""
+    if q.method == "none":
+        return {"*": 16}
+    return {**{p: 16 for p in (*q.exclude, *NEVER_QUANTIZED)}, "*": q.bits}
 
 
 def stage_specs(loaded: LoadedRecipe, family: Family, source_dir: Path) -> list[StageSpec]:
@@ -82,8 +104,17 @@ def stage_specs(loaded: LoadedRecipe, family: Family, source_dir: Path) -> list[
         specs.append(StageSpec("quantize", QuantizeParams.from_recipe(r.quantize, b.backend),
                                {"checkpoint": "convert"}))
         ckpt = "quantize"
-    if b.backend == "onnx":
+    if b.backend in ("onnx", "rtx"):
         specs.append(StageSpec("lower", LowerParams(engine_dtype(loaded)), {"checkpoint": ckpt}))
+        engine = "lower"
+        if b.backend == "rtx":
+            t = TARGETS[b.target]
+            specs.append(StageSpec("build_rtx", BuildRtxParams(
+                t.name, t.sm, b.max_batch_size, b.max_input_len, b.max_seq_len), {"onnx": "lower"}))
+            engine = "build_rtx"
+        specs.append(StageSpec("verify", VerifyParams(_verify_text(loaded, source_dir),
+                                                      min_top1=_verify_bound(loaded)),
+                               {"engine": engine, "source": "source"}))
     elif b.backend == "trtllm":
         params = BuildTrtllmParams.from_build(b, target_sm=TARGETS[b.target].sm,
                                               max_num_tokens=max_num_tokens(loaded))
@@ -150,12 +181,32 @@ def _group_rules(loaded: LoadedRecipe, desc: ModelDesc) -> list[Problem]:
     return []
 
 
+def _verify_text(loaded: LoadedRecipe, source_dir: Path) -> str:
+    """The held-out text of quantize.gate.text; random ids when the source has no tokenizer
+    (random-weight models of real shapes), said in the plan's notes."""
+    text = loaded.recipe.quantize.gate.text
+    return "random" if text == "builtin" and not (source_dir / "tokenizer.json").is_file() \
+        else text
+
+
+def _verify_bound(loaded: LoadedRecipe) -> float:
+    """Top-1 agreement with transformers a published engine must reach: the quantize gate's
+    bound for quantized models; near-exact for float ones (fp16 rounding flips a few ties)."""
+    r = loaded.recipe
+    if r.quantize.method != "none":
+        return r.quantize.gate.min_top1
+    return 0.99 if engine_dtype(loaded) == "float32" else 0.95
+
+
 def _notes(loaded: LoadedRecipe) -> list[str]:
     """Defaults that change a build, said out loud in `plan`."""
     b = loaded.recipe.build
     notes = []
     if b.dtype == "auto":
         notes.append(f"build.dtype auto -> {engine_dtype(loaded)}")
+    source = Path(loaded.recipe.model.source)
+    if b.backend != "trtllm" and source.is_dir() and not (source / "tokenizer.json").is_file():
+        notes.append("the source has no tokenizer: verify (and text calibration) use random ids")
     if b.backend == "trtllm" and b.max_num_tokens is None:
         notes.append(f"build.max_num_tokens default -> {max_num_tokens(loaded)}")
     return notes

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput, Problem
+from .runner.step import StepModel
 
 
 @dataclass(frozen=True)
@@ -34,18 +35,25 @@ class VerifyReport:
 
 def verify(artifact_dir: Path, hf_dir: Path, text: str = "builtin", tokens: int = 512,
            window: int = 128) -> VerifyReport:
-    """Logits of `artifact_dir` vs transformers on `tokens` tokens of `text` (builtin held-out
-    text, a file path, or random ids)."""
+    """Logits of an engine or checkpoint dir vs transformers on `tokens` tokens of `text`
+    (builtin held-out text, a file path, or random ids)."""
+    from .runner import Runner
+
+    runner = Runner.open(artifact_dir)
+    return verify_model(runner.model, str(runner.info.get("runtime")), str(artifact_dir),
+                        hf_dir, text, tokens, window)
+
+
+def verify_model(model: StepModel, runtime: str, label: str, hf_dir: Path, text: str = "builtin",
+                 tokens: int = 512, window: int = 128) -> VerifyReport:
+    """The comparison itself, for any StepModel (the verify stage opens one from an artifact)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from .runner import Runner
     from .textdata import eval_windows
 
     hf_logging.disable_progress_bar()
-    runner = Runner.open(artifact_dir)
-    model = runner.model
     hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
                                               trust_remote_code=False).eval()
     if hf.config.vocab_size != model.vocab_size:
@@ -66,10 +74,10 @@ def verify(artifact_dir: Path, hf_dir: Path, text: str = "builtin", tokens: int 
     all_diffs = np.concatenate([d.ravel() for d in diffs])
     targets = count - len(ids)
     return VerifyReport(
-        artifact=str(artifact_dir), runtime=str(runner.info.get("runtime")), tokens=count,
-        windows=len(ids), max_abs_diff=float(all_diffs.max()),
-        mean_abs_diff=float(all_diffs.mean()), top1_agreement=agree / count,
-        ppl_artifact=math.exp(nll_a / targets), ppl_hf=math.exp(nll_h / targets))
+        artifact=label, runtime=runtime, tokens=count, windows=len(ids),
+        max_abs_diff=float(all_diffs.max()), mean_abs_diff=float(all_diffs.mean()),
+        top1_agreement=agree / count, ppl_artifact=math.exp(nll_a / targets),
+        ppl_hf=math.exp(nll_h / targets))
 
 
 def _nll(logits: np.ndarray, ids: np.ndarray) -> float:

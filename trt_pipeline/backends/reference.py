@@ -14,6 +14,8 @@ from ..reference.model import KVCache, ReferenceModel
 class ReferenceStep:
     """StepModel over ReferenceModel (float32 on the CPU, quantized weights dequantized)."""
 
+    runtime = "reference"
+
     def __init__(self, model: ReferenceModel) -> None:
         self.model = model
         self.vocab_size = model.desc.vocab_size

@@ -60,7 +60,7 @@ class Runner:
                                     f"{MANIFEST}) nor a TensorRT-LLM checkpoint", None)])
         model = open_runtime(path, runtime)
         tokenizer = _load_tokenizer(path)
-        info.update(runtime=runtime.get("kind"), path=str(path))
+        info.update(runtime=model.runtime, path=str(path))
         return cls(model, tokenizer, _eos_ids(path, tokenizer), info)
 
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:

@@ -8,6 +8,7 @@ import numpy as np
 
 
 class StepModel(Protocol):
+    runtime: str  # what actually runs it: reference, onnxruntime, tensorrt_rtx
     vocab_size: int
     max_seq_len: int
     max_batch_size: int

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import build_trtllm, convert, lower, quantize, source
+from . import build_rtx, build_trtllm, convert, lower, quantize, source, verify
 from .base import Artifact, Stage, StageContext
 
 
@@ -16,7 +16,8 @@ def _registry(*stages: Stage) -> dict[str, Stage]:
 
 
 STAGES: dict[str, Stage] = _registry(
-    source.STAGE, convert.STAGE, quantize.STAGE, lower.STAGE, build_trtllm.STAGE
+    source.STAGE, convert.STAGE, quantize.STAGE, lower.STAGE, build_rtx.STAGE, build_trtllm.STAGE,
+    verify.STAGE,
 )
 
 __all__ = ["STAGES", "Artifact", "Stage", "StageContext"]

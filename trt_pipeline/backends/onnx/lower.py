@@ -31,7 +31,7 @@ from onnx.external_data_helper import set_external_data
 from ...checkpoint.desc import Linear, ModelDesc
 from ...checkpoint.io import Checkpoint
 from ...errors import BadInput, Problem
-from ...fsio import write_bytes_atomic
+from ...fsio import FILE_MODE, write_bytes_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -125,6 +125,7 @@ def lower_checkpoint(ckpt_dir: Path, out_dir: Path, dtype: str = "float32") -> d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{DATA_FILE}.", suffix=".tmp", dir=out_dir)
+    os.chmod(tmp, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as data:
             g = Graph(data, dtype)

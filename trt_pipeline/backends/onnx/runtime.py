@@ -60,6 +60,7 @@ class OnnxModel:
     """One InferenceSession over model.onnx; layers, KV shape and dtype come from its inputs.
     Also the runner's StepModel (runner/step.py): `new_cache` and `step`."""
 
+    runtime = "onnxruntime"
     max_batch_size = 1 << 16  # no engine profile on the CPU: memory is the only limit
 
     def __init__(self, session: ort.InferenceSession) -> None:

@@ -138,6 +138,8 @@ class RtxKVCache:
 class RtxModel:
     """A StepModel (runner/step.py) over a deserialized engine on GPU 0."""
 
+    runtime = "tensorrt_rtx"
+
     def __init__(self, engine_dir: Path, runtime: dict[str, Any]) -> None:
         import tensorrt_rtx as trt
 
