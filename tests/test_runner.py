@@ -84,3 +84,36 @@ def test_choose_top_k_top_p_and_penalty():
     picks = {choose(logits, [], SamplingParams(temperature=1.0, top_p=0.5), rng)
              for _ in range(50)}
     assert picks == {1}
+
+
+class ReferenceGenerating:
+    """A runtime that owns its decoding loop (as TensorRT-LLM's executor does), made of the
+    reference model's own greedy decoding, so the runner's generating path has an oracle."""
+
+    runtime = "reference-generating"
+    max_batch_size = 4
+    max_seq_len = 1024
+
+    def __init__(self, ckpt):
+        self.model = ReferenceModel.load(ckpt)
+        self.vocab_size = self.model.desc.vocab_size
+
+    def stream(self, prompts, request):
+        outs = [greedy(self.model, torch.tensor([p]), request.max_new_tokens)[0].tolist()
+                for p in prompts]
+        for n in range(1, request.max_new_tokens + 1):
+            yield [o[:n] for o in outs]
+
+
+def test_generating_runtime_path_equals_step_path(default_ckpt):
+    step = Runner.open(default_ckpt)
+    gen = Runner(ReferenceGenerating(default_ckpt), step.tokenizer, step.eos_ids, {})
+    prompts = [step.encode("ROMEO:"), step.encode("JULIET:\nAy me")]
+    p = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    a, b = list(step.generate(prompts, p)), list(gen.generate(prompts, p))
+    for i in range(2):
+        assert tokens(a, i) == tokens(b, i)
+        assert "".join(e.text for e in a if e.request == i) == \
+            "".join(e.text for e in b if e.request == i)
+    stop = SamplingParams(max_new_tokens=40, stop=("king",))
+    assert [e.finish_reason for e in gen.generate(prompts[:1], stop)][-1] == "stop"

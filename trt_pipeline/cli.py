@@ -61,31 +61,52 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
 @cli.command()
 @recipe_arg
 @overrides_arg
+@click.option("--backend", type=click.Choice(["onnx", "rtx", "trtllm"]), default=None,
+              help="Shorthand for the override build.backend=...")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
-    """Show the stages, their cache keys and which are cached."""
+def plan(recipe: Path, overrides: tuple[str, ...], backend: str | None, as_json: bool) -> None:
+    """Show the stages, their cache keys, which are cached, the memory estimate for the target
+    and, for trtllm, the exact trtllm-build command."""
     from .executor import resolve
     from .plan import make_plan
+    from .plan_report import plan_summary
 
+    if backend:
+        overrides = (*overrides, f"build.backend={backend}")
     p = make_plan(load_recipe(recipe, overrides))
-    resolved = resolve(p, Cache())
-    rows = [{"stage": r.spec.stage, "key": r.key, "cached": r.cached, "dir": str(r.dir)}
-            for r in resolved]
+    summary = plan_summary(p, resolve(p, Cache()))
     if as_json:
-        out.print_json(json.dumps({"recipe": p.name, "target": p.target.name,
-                                   "family": p.family.name, "stages": rows,
-                                   "notes": list(p.notes)}))
+        out.print_json(json.dumps(summary))
         return
     table = Table(title=f"{p.name}: {p.family.name} -> {p.loaded.recipe.build.backend} "
                   f"({p.target.name})")
     for col in ("stage", "key", "status", "where"):
         table.add_column(col)
-    for row in rows:
+    for row in summary["stages"]:
         table.add_row(row["stage"], row["key"], "cached" if row["cached"] else "to build",
                       row["dir"])
     out.print(table)
+    if summary.get("memory"):
+        m = summary["memory"]
+        out.print(f"memory on {p.target.name}: {m['total_gib']:.2f} GiB of {m['usable_gib']:.2f} "
+                  f"GiB usable (weights {m['weights_gib']:.2f}, KV cache {m['kv_copies']} x "
+                  f"{m['kv_cache_gib']:.2f}, activations {m['activations_gib']:.2f}, overhead "
+                  f"{m['overhead_gib']:.2f})")
+    if summary.get("command"):
+        out.print("trtllm-build command:\n  " + " ".join(summary["command"]))
     for note in p.notes:
         out.print(f"note: {note}")
+
+
+@cli.command()
+def doctor() -> None:
+    """What this machine can build and run: engine packages, GPUs, versions against the pins."""
+    from .doctor import report
+
+    text, ok = report()
+    out.print(text)
+    if not ok:
+        sys.exit(1)
 
 
 @cli.command()

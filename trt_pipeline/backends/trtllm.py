@@ -399,10 +399,18 @@ class Request:
 
 
 class TrtllmRunner:
-    """ModelRunnerCpp with the generate arguments set explicitly and the prompt sliced off."""
+    """ModelRunnerCpp with the generate arguments set explicitly and the prompt sliced off.
+    To the runner it is a generating runtime (`stream`), not a StepModel: the C++ executor owns
+    the KV cache and the sampling loop."""
 
-    def __init__(self, runner: Any) -> None:
+    runtime = "tensorrt_llm"
+
+    def __init__(self, runner: Any, limits: dict[str, int] | None = None) -> None:
         self.runner = runner
+        limits = limits or {}
+        self.max_batch_size = limits.get("max_batch_size", 1)
+        self.max_seq_len = limits.get("max_seq_len", 2048)
+        self.vocab_size = limits.get("vocab_size", 0)
 
     def generate(self, prompts: list[list[int]], request: Request) -> list[list[int]]:
         """Generated token ids per prompt (output_ids[b, 0, input_len:sequence_length])."""
@@ -445,4 +453,13 @@ def load_runner(engine_dir: Path, *, kv_cache_free_gpu_memory_fraction: float = 
     runner = ModelRunnerCpp.from_dir(engine_dir=str(engine_dir), rank=0,
                                      kv_cache_free_gpu_memory_fraction=
                                      kv_cache_free_gpu_memory_fraction)
-    return TrtllmRunner(runner)
+    cfg = json.loads((Path(engine_dir) / "config.json").read_text())
+    build, pretrained = cfg.get("build_config", {}), cfg.get("pretrained_config", {})
+    return TrtllmRunner(runner, {"max_batch_size": build.get("max_batch_size", 1),
+                                 "max_seq_len": build.get("max_seq_len", 2048),
+                                 "vocab_size": pretrained.get("vocab_size", 0)})
+
+
+def open_runtime(engine_dir: Path, runtime: dict[str, Any]) -> TrtllmRunner:
+    """backends.RUNTIMES entry (GPU machines with TensorRT-LLM 1.2.1 only)."""
+    return load_runner(Path(engine_dir))

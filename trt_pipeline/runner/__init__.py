@@ -100,9 +100,37 @@ class Runner:
                                         f"({p.max_new_tokens}) exceeds the engine's max_seq_len "
                                         f"{self.model.max_seq_len}", None)])
         size = self.model.max_batch_size
+        run = self._generated_batch if hasattr(self.model, "stream") else self._batch
         for start in range(0, len(prompts), size):
-            yield from self._batch(list(prompts[start:start + size]), plist[start:start + size],
-                                   start)
+            yield from run(list(prompts[start:start + size]), plist[start:start + size], start)
+
+    def _generated_batch(self, prompts: list[Sequence[int]], params: list[SamplingParams],
+                         offset: int) -> Iterator[TokenEvent]:
+        """For runtimes that own the decoding loop (TensorRT-LLM's executor): one call per
+        distinct SamplingParams; EOS and sampling happen there, stop strings here."""
+        from ..backends.trtllm import Request
+
+        eos = min(self.eos_ids) if self.eos_ids else 0
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        for p in dict.fromkeys(params):
+            rows = [i for i, q in enumerate(params) if q == p]
+            request = Request(max_new_tokens=p.max_new_tokens,
+                              end_id=-1 if p.ignore_eos else eos,
+                              pad_id=eos if pad is None else pad, temperature=p.temperature,
+                              top_k=p.top_k, top_p=p.top_p,
+                              repetition_penalty=p.repetition_penalty, seed=p.seed or 0)
+            streams = {i: _Stream(self, list(prompts[i]), p) for i in rows}
+            for outputs in self.model.stream([list(prompts[i]) for i in rows], request):
+                for i, ids in zip(rows, outputs, strict=True):
+                    s = streams[i]
+                    for token in ids[len(s.out):]:
+                        if not s.done:
+                            yield s.accept(token, offset + i)
+            for i, s in streams.items():  # the executor stopped it (EOS) without our knowing
+                if not s.done:
+                    s.done = True
+                    yield TokenEvent(offset + i, s.out[-1] if s.out else -1, "",
+                                     len(s.out) - 1, True, "stop")
 
     def _batch(self, prompts: list[Sequence[int]], params: list[SamplingParams], offset: int
                ) -> Iterator[TokenEvent]:
@@ -144,8 +172,10 @@ class _Stream:
         self.rng = np.random.default_rng(params.seed)
 
     def advance(self, logits: np.ndarray, request: int) -> TokenEvent:
+        return self.accept(choose(logits, self.seen, self.params, self.rng), request)
+
+    def accept(self, token: int, request: int) -> TokenEvent:
         p = self.params
-        token = choose(logits, self.seen, p, self.rng)
         self.seen.append(token)
         self.out.append(token)
         reason = None

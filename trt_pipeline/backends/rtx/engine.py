@@ -90,18 +90,22 @@ def decide(runtime: dict[str, Any], gpu: Gpu | None, installed: str | None,
     return None
 
 
+def installed() -> tuple[str | None, tuple[int, ...]]:
+    """(tensorrt_rtx version or None, the SMs it can build for)."""
+    try:
+        import tensorrt_rtx as trt
+    except ImportError:
+        return None, ()
+    sms = tuple(int(m[2:]) for m in trt.ComputeCapability.__members__ if m.startswith("SM"))
+    return trt.__version__, sms
+
+
 def open_runtime(engine_dir: Path, runtime: dict[str, Any]) -> Any:
     """backends.RUNTIMES entry: the engine on this GPU, else ONNX Runtime on the same graph."""
     engine_dir = Path(engine_dir)
-    try:
-        import tensorrt_rtx as trt
-
-        installed: str | None = trt.__version__
-        sms = tuple(int(m[2:]) for m in trt.ComputeCapability.__members__ if m.startswith("SM"))
-    except ImportError:
-        installed, sms = None, ()
-    gpu = find_gpu() if installed else None
-    why = decide(runtime, gpu, installed, sms)
+    installed_version, sms = installed()
+    gpu = find_gpu() if installed_version else None
+    why = decide(runtime, gpu, installed_version, sms)
     if why is None:
         return RtxModel(engine_dir, runtime)
     from ..onnx.runtime import open_runtime as open_onnx

@@ -1,0 +1,39 @@
+"""`build-engine doctor`: what this machine can build and run, backend by backend."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def report() -> tuple[str, bool]:
+    """(text, ok): ok means nothing a recipe here could ask for is broken. The trtllm backend is
+    expected to be absent outside its container, so its problems are listed but do not fail."""
+    from .backends.rtx.engine import find_gpu, installed
+    from .backends.trtllm import doctor as trtllm_doctor
+
+    lines = [f"trt-pipeline {_version('trt-pipeline')}, torch {_version('torch')}, "
+             f"transformers {_version('transformers')}"]
+    ort = _version("onnxruntime")
+    lines.append(f"onnx backend: onnx {_version('onnx')}, onnxruntime {ort} "
+                 f"({'ready' if ort != 'absent' else 'pip install trt-pipeline[onnx]'})")
+    version, sms = installed()
+    gpu = find_gpu()
+    if version is None:
+        lines.append("rtx backend: tensorrt_rtx absent (pip install 'trt-pipeline[rtx]')")
+    else:
+        runs = gpu is not None and gpu.sm in sms
+        where = (f"runs engines on {gpu.name} (sm{gpu.sm})" if runs else
+                 f"cannot run engines on {gpu.name} (sm{gpu.sm}); ONNX Runtime runs their graph"
+                 if gpu else "no GPU: builds engines; ONNX Runtime runs their graph")
+        lines.append(f"rtx backend: tensorrt_rtx {version}, builds sm{', sm'.join(map(str, sms))};"
+                     f" {where}")
+    lines.append(trtllm_doctor().render())
+    ok = ort != "absent" and version is not None
+    return "\n".join(lines), ok
