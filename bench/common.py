@@ -32,14 +32,14 @@ model.save_pretrained({str(out)!r})
     return out
 
 
-def run_child(code: str) -> dict:
+def run_child(code: str, python: str = sys.executable) -> dict:
     """Run Python `code` (which leaves its figures in a dict named `result`) in a fresh process;
     returns them plus wall seconds and the child's own peak RSS."""
     tail = ("\nimport json as _j, resource as _r\n"
             "result['peak_rss_mb'] = round(_r.getrusage(_r.RUSAGE_SELF).ru_maxrss / 1024, 1)\n"
             "print(_j.dumps(result))\n")
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", code + tail], capture_output=True, text=True)
+    res = subprocess.run([python, "-c", code + tail], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if res.returncode:
         raise RuntimeError(res.stderr[-3000:])
