@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/build-engine build recipes/default.yaml
+	$(VENV)/bin/build-engine build recipes/default.yaml --bench
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

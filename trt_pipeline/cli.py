@@ -115,8 +115,11 @@ def doctor() -> None:
 @click.option("--force", multiple=True, metavar="STAGE",
               help="Rebuild this stage even if cached (repeatable; 'all' for every stage).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
-def build(recipe: Path, overrides: tuple[str, ...], force: tuple[str, ...], as_json: bool
-          ) -> None:
+@click.option("--bench", "run_bench", is_flag=True,
+              help="Then benchmark the engine with the recipe's bench section (report + plots "
+              "under <engine dir>/bench/).")
+def build(recipe: Path, overrides: tuple[str, ...], force: tuple[str, ...], as_json: bool,
+          run_bench: bool) -> None:
     """Run every stage of RECIPE (reusing the cache) and publish engines/<name>/."""
     from .executor import default_engines_root, execute
     from .plan import make_plan
@@ -129,16 +132,26 @@ def build(recipe: Path, overrides: tuple[str, ...], force: tuple[str, ...], as_j
                         f"Use one of all, {', '.join(STAGES)}.")
 
     result = execute(p, Cache(), default_engines_root(), force)
+    report: list[Path] = []
+    if run_bench:
+        from .bench.cli_commands import bench_engine
+
+        markdown, report = bench_engine(result.engine_dir, out_dir=result.engine_dir / "bench")
+        if not as_json:
+            out.print(markdown)
     if as_json:
         out.print_json(json.dumps({
             "engine_dir": str(result.engine_dir),
             "stages": [r.model_dump() for r in result.stages],
+            "bench": [str(p) for p in report],
         }))
-    else:
-        for r in result.stages:
-            status = "cached" if r.cached else f"built in {r.seconds:.1f} s"
-            out.print(f"{r.stage:<10} {r.key}  {status}")
-        out.print(f"engine: {result.engine_dir}")
+        return
+    for r in result.stages:
+        status = "cached" if r.cached else f"built in {r.seconds:.1f} s"
+        out.print(f"{r.stage:<10} {r.key}  {status}")
+    out.print(f"engine: {result.engine_dir}")
+    if report:
+        out.print(f"report: {report[1]}")
 
 
 @cli.command()
@@ -254,6 +267,12 @@ def clean(stage: str | None, engines: bool) -> None:
             if d.is_dir():
                 shutil.rmtree(d)
         out.print(f"removed engines under {default_engines_root()}")
+
+
+from .bench.cli_commands import bench, serve  # noqa: E402 - registered after the group exists
+
+cli.add_command(serve)
+cli.add_command(bench)
 
 
 def main() -> None:

@@ -1,0 +1,131 @@
+"""The bench harness on a real ONNX engine, in-process and over HTTP against our server: exact
+record and token counts, warm-up sent but not recorded, seeded open-loop arrivals, and a sweep
+report that survives its JSON round trip; the CLI commands write and compare reports."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from test_server import LiveServer, build_onnx_engine
+
+from trt_pipeline.bench import report as rep
+from trt_pipeline.bench.cli_commands import bench
+from trt_pipeline.bench.measure import arrival_offsets_s, measure, sweep
+from trt_pipeline.bench.workload import Request, synthetic
+from trt_pipeline.errors import BadInput
+from trt_pipeline.runner import Runner
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory):
+    return build_onnx_engine(tmp_path_factory.mktemp("bench"))
+
+
+@pytest.fixture(scope="module")
+def runner(engine_dir):
+    return Runner.open(engine_dir)
+
+
+@pytest.fixture(scope="module")
+def live(engine_dir):
+    from trt_pipeline.server import create_app
+
+    server = LiveServer(create_app(engine_dir))
+    yield server
+    server.stop()
+
+
+def workload(count: int = 5) -> list[Request]:
+    """Different output lengths per request, so a count mixed up between requests shows."""
+    return synthetic(count, 16, 6, 0.0, 3.0, 2048, seed=1)
+
+
+def served(live) -> int:
+    return httpx.get(f"{live.url}/health").json()["scheduler"]["requests_done"]
+
+
+def check_exact(records, requests) -> None:
+    assert [r.task_id for r in records] == [q.task_id for q in requests]
+    for rec, q in zip(records, requests, strict=True):
+        assert rec.ok, rec.error
+        assert rec.output_tokens == q.output_tokens == len(rec.token_times_s)
+        assert rec.input_tokens == len(q.input_ids)
+        assert rec.start_s < rec.token_times_s[0]
+
+
+def test_in_process_closed_loop_counts_are_exact(runner):
+    requests = workload()
+    check_exact(measure(runner, requests, concurrency=2, warmup=3), requests)
+    records = measure(runner, requests, concurrency=1, warmup=0)
+    check_exact(records, requests)
+    # closed loop at 1: each request starts after the previous one's last token
+    assert all(b.start_s >= a.token_times_s[-1] for a, b in zip(records, records[1:],
+                                                                 strict=False))
+
+
+def test_endpoint_counts_are_exact_and_warmup_is_sent_not_recorded(live):
+    requests = workload()
+    before = served(live)
+    records = measure(live.url, requests, concurrency=3, warmup=2)
+    check_exact(records, requests)
+    assert served(live) - before == len(requests) + 2
+
+
+def test_endpoint_chat_with_text_prompts(live):
+    requests = [Request(i, p, None, 4 + i) for i, p in enumerate(["ROMEO:", "To be", "O"])]
+    records = measure(live.url, requests, concurrency=3, warmup=0, api="chat")
+    assert [r.output_tokens for r in records] == [4, 5, 6]
+    assert all(r.ok and len(r.token_times_s) == r.output_tokens for r in records)
+
+
+def test_open_loop_follows_the_seeded_schedule(live):
+    offsets = arrival_offsets_s(6, rate=25.0, seed=3)
+    assert offsets == arrival_offsets_s(6, rate=25.0, seed=3) != arrival_offsets_s(6, 25.0, 4)
+    assert offsets[0] == 0.0 and offsets == sorted(offsets)
+    requests = synthetic(6, 8, 2, 0.0, 0.0, 2048, seed=0)
+    records = measure(live.url, requests, concurrency=6, warmup=0, rate=25.0, seed=3)
+    sent = [r.start_s - records[0].start_s for r in records]
+    assert sent == pytest.approx(offsets, abs=0.03)
+
+
+def test_failures_become_records_not_exceptions(runner, live):
+    too_long = [Request(0, None, (5,) * 1000, 100)]
+    for target in (runner, live.url):
+        (record,) = measure(target, too_long, concurrency=1, warmup=0)
+        assert not record.ok and "max_seq_len" in record.error and record.output_tokens == 0
+    with pytest.raises(BadInput):
+        measure(live.url, workload(), concurrency=1, api="chat")  # token ids, no text
+    with pytest.raises(BadInput):
+        measure(runner, workload(), concurrency=0)
+
+
+def test_sweep_report_round_trips(runner, engine_dir, tmp_path):
+    report = sweep(runner, workload(4), [1, 2], warmup=1, command="test sweep")
+    assert [lv.concurrency for lv in report.levels] == [1, 2]
+    assert all(lv.summary.requests_ok == 4 for lv in report.levels)
+    meta = report.metadata
+    assert meta["command"] == "test sweep" and meta["engine"] == "served-default"
+    assert meta["backend"] == "onnx" and meta["runtime"] == "onnxruntime"
+    assert len(meta["engine_key"]) == 20 and len(meta["engine_hash"]) == 20
+    assert meta["tokens_sharing_a_chunk"] == 0 and meta["device"]["cpu"]
+    rep.write_json(report, tmp_path / "r.json")
+    assert rep.load_json(tmp_path / "r.json") == report
+
+
+def test_cli_bench_writes_reports_and_compares(engine_dir, live, tmp_path):
+    cli = CliRunner()
+    args = ["--isl", "8", "--osl", "3", "--requests", "3", "--warmup", "1", "--concurrency", "1,2"]
+    a = cli.invoke(bench, [str(engine_dir), *args, "--out", str(tmp_path / "a")])
+    assert a.exit_code == 0, a.output
+    b = cli.invoke(bench, [str(engine_dir), "--endpoint", live.url, *args,
+                           "--out", str(tmp_path / "b")])
+    assert b.exit_code == 0, b.output
+    for out in ("a", "b"):
+        assert {p.name for p in (tmp_path / out).iterdir()} == {
+            "report.json", "report.md", "latency_vs_throughput.png", "ttft_itl_cdf.png"}
+        assert str(tmp_path / out / "report.json") in (a.output + b.output)
+    assert "## Concurrency 2" in a.output and "| TTFT ms | 3 |" in a.output
+    c = cli.invoke(bench, ["--compare", str(tmp_path / "a" / "report.json"),
+                           str(tmp_path / "b" / "report.json")])
+    assert c.exit_code == 0 and "# A vs B" in c.output and "in-process runner" in c.output
