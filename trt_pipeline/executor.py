@@ -19,6 +19,7 @@ from .errors import BadInput, StageFailed
 from .fsio import link_or_copy, replace_dir, write_text_atomic
 from .manifest import (
     MANIFEST,
+    RECIPE_FILE,
     EngineManifest,
     Manifest,
     StageRecord,
@@ -34,7 +35,6 @@ from .stages.base import code_hash, params_dict, stage_key
 
 log = logging.getLogger(__name__)
 STAGE_LOG = "stage.log"
-RECIPE_FILE = "recipe.yaml"
 
 
 def default_engines_root() -> Path:

@@ -16,6 +16,7 @@ from .errors import BadInput, Problem
 from .fsio import sha256_file, write_text_atomic
 
 MANIFEST = "manifest.json"
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe, saved beside every engine
 
 
 class _Strict(BaseModel):

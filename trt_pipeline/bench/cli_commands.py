@@ -15,7 +15,7 @@ import yaml
 
 from ..errors import bad_input
 from ..fsio import write_text_atomic
-from ..runner.defaults import RECIPE_FILE
+from ..manifest import RECIPE_FILE
 
 # recipe/schema.py BenchSection defaults; restated because bench must not import the recipe layer
 BENCH_DEFAULTS: dict[str, Any] = {"workload": "synthetic", "isl": 128, "osl": 64,

@@ -7,9 +7,8 @@ from typing import Any
 
 import yaml
 
+from ..manifest import RECIPE_FILE
 from .sampling import SamplingParams
-
-RECIPE_FILE = "recipe.yaml"
 
 
 def recipe_runner_section(engine_dir: Path) -> dict[str, Any]:
