@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import os
 import re
 import shlex
 import shutil
@@ -420,7 +421,8 @@ class TrtllmRunner:
     def stream(self, prompts: list[list[int]], request: Request):
         """Yields the generated ids so far per prompt after every decoding step."""
         for out in self.runner.generate(self._inputs(prompts), **request.kwargs(streaming=True)):
-            yield _generated(out, prompts)
+            if out:  # ranks other than 0 receive nothing (facts §12)
+                yield _generated(out, prompts)
 
     @staticmethod
     def _inputs(prompts: list[list[int]]) -> list[Any]:
@@ -450,7 +452,7 @@ def load_runner(engine_dir: Path, *, kv_cache_free_gpu_memory_fraction: float = 
                                 "RECIPE --force build_trtllm.", str(engine_dir))])
     from tensorrt_llm.runtime import ModelRunnerCpp
 
-    runner = ModelRunnerCpp.from_dir(engine_dir=str(engine_dir), rank=0,
+    runner = ModelRunnerCpp.from_dir(engine_dir=str(engine_dir), rank=mpi_rank(),
                                      kv_cache_free_gpu_memory_fraction=
                                      kv_cache_free_gpu_memory_fraction)
     cfg = json.loads((Path(engine_dir) / "config.json").read_text())
@@ -458,6 +460,15 @@ def load_runner(engine_dir: Path, *, kv_cache_free_gpu_memory_fraction: float = 
     return TrtllmRunner(runner, {"max_batch_size": build.get("max_batch_size", 1),
                                  "max_seq_len": build.get("max_seq_len", 2048),
                                  "vocab_size": pretrained.get("vocab_size", 0)})
+
+
+def mpi_rank() -> int:
+    """This process's rank under mpirun (tp*pp > 1 engines need one process per GPU; facts
+    §12: `rank` must equal the MPI rank, and only rank 0 receives outputs)."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
 
 
 def open_runtime(engine_dir: Path, runtime: dict[str, Any]) -> TrtllmRunner:
