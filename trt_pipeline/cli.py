@@ -231,6 +231,58 @@ def verify(artifact_dir: Path, hf_dir: Path, text: str, tokens: int, window: int
     out.print(f"  perplexity       artifact {report.ppl_artifact:.3f}   hf {report.ppl_hf:.3f}")
 
 
+@cli.command()
+@click.argument("ckpt_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--method", type=click.Choice(["awq", "rtn"]), default="awq", show_default=True)
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=click.Choice(["128", "64", "-1"]), default="128",
+              show_default=True, help="-1 = one scale per output channel (rtn).")
+@click.option("--calib", default="builtin", show_default=True,
+              help="Calibration text: builtin, random (token ids), or a UTF-8 file.")
+@click.option("--samples", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--seq-len", type=click.IntRange(2), default=256, show_default=True)
+@click.option("--exclude", multiple=True, help="fnmatch pattern kept in float (repeatable; "
+              "default lm_head).")
+@click.option("--eval-text", default="builtin", show_default=True,
+              help="Held-out text for the quality figures: builtin, random, or a file.")
+@click.option("--gate", is_flag=True, help="Fail (exit 1, nothing written) beyond the bounds.")
+@click.option("--max-ppl-ratio", type=float, default=1.25, show_default=True)
+@click.option("--min-top1", type=float, default=0.75, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def quantize(ckpt_dir: Path, out_dir: Path, method: str, bits: str, group_size: str, calib: str,
+             samples: int, seq_len: int, exclude: tuple[str, ...], eval_text: str, gate: bool,
+             max_ppl_ratio: float, min_top1: float, as_json: bool) -> None:
+    """Quantize a float TensorRT-LLM checkpoint (INT4 AWQ, or RTN INT4/INT8) and report its
+    perplexity and top-1 agreement against the float one on held-out text."""
+    from .errors import StageFailed
+    from .fsio import atomic_output_dir
+    from .quant.quality import evaluate
+    from .quant.quantize import QuantParams, quantize_checkpoint
+
+    params = QuantParams(method=method, bits=int(bits), group_size=int(group_size),
+                         exclude=exclude or ("lm_head",), calib_data=calib, samples=samples,
+                         seq_len=seq_len)
+    with atomic_output_dir(out_dir) as tmp:
+        metrics = quantize_checkpoint(ckpt_dir, tmp, params)
+        quality = evaluate(ckpt_dir, tmp, eval_text)
+        failed = gate and (quality["ppl_ratio"] > max_ppl_ratio
+                           or quality["top1_agreement"] < min_top1)
+        if failed:
+            raise StageFailed(f"quality gate: perplexity ratio {quality['ppl_ratio']:.4f} "
+                              f"(max {max_ppl_ratio}), top-1 agreement "
+                              f"{quality['top1_agreement']:.4f} (min {min_top1}); nothing written")
+    if as_json:
+        out.print_json(json.dumps({"out_dir": str(out_dir), "scheme": metrics["scheme"],
+                                   "seconds": metrics["seconds"], **quality}))
+        return
+    out.print(f"{out_dir}  ({metrics['scheme']}, {metrics['quant_algo']}, "
+              f"{metrics['seconds']:.1f} s)")
+    out.print(f"  perplexity float {quality['ppl_float']:.3f}  quantized "
+              f"{quality['ppl_quant']:.3f}  (x{quality['ppl_ratio']:.4f})  top-1 agreement "
+              f"{quality['top1_agreement']:.4f}  on {quality['tokens']} held-out tokens")
+
+
 @cli.command(name="ls")
 def ls_cmd() -> None:
     """List cached artifacts and published engines with their sizes."""
@@ -270,15 +322,17 @@ def clean(stage: str | None, engines: bool) -> None:
 
 
 from .bench.cli_commands import bench, serve  # noqa: E402 - registered after the group exists
+from .ci import check_command, matrix_command  # noqa: E402
 
-cli.add_command(serve)
-cli.add_command(bench)
+for _command in (serve, bench, matrix_command, check_command):
+    cli.add_command(_command)
 
 
 def main() -> None:
     """Entry point: bad input exits 2 and a failed stage 1, both without a traceback."""
     try:
-        cli.main(standalone_mode=False)
+        code = cli.main(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:

@@ -20,7 +20,8 @@ class Problem:
         head = f"{self.where}  " if self.where else ""
         key = f"{self.path}: " if self.path else ""
         tail = f" {self.fix}" if self.fix else ""
-        return f"{head}{key}{self.message}.{tail}"
+        end = "" if self.message.endswith((".", "?", "!")) else "."
+        return f"{head}{key}{self.message}{end}{tail}"
 
 
 class PipelineError(Exception):

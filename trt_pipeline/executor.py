@@ -35,6 +35,7 @@ from .stages.base import code_hash, params_dict, stage_key
 
 log = logging.getLogger(__name__)
 STAGE_LOG = "stage.log"
+READ_ONLY = 0o444
 
 
 def default_engines_root() -> Path:
@@ -67,7 +68,7 @@ def resolve(plan: Plan, cache: Cache) -> list[Resolved]:
     for spec in plan.specs:
         stage = STAGES[spec.stage]
         if stage.fingerprint is not None:
-            key, path, metrics = stage.fingerprint(spec.params)
+            key, path, metrics = stage.fingerprint(spec.params, cache.root)
             out.append(Resolved(spec, key, True, path, metrics=metrics))
         else:
             inputs = {role: keys[src] for role, src in spec.inputs.items()}
@@ -165,6 +166,9 @@ def publish(plan: Plan, artifacts: dict[str, Artifact], records: list[StageRecor
                 rel = f.relative_to(final.dir)
                 if f.is_file() and rel.as_posix() not in (MANIFEST, STAGE_LOG):
                     link_or_copy(f, tmp / rel)
+                    # engine files share their inode with the cache: read-only, so an edit in
+                    # place cannot silently corrupt a cached artifact
+                    (tmp / rel).chmod(READ_ONLY)
             copy_tokenizer(artifacts["source"].dir, tmp)
             write_text_atomic(tmp / RECIPE_FILE, plan.loaded.to_yaml())
             versions: dict[str, str] = {}

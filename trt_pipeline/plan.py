@@ -146,6 +146,8 @@ def model_rules(loaded: LoadedRecipe, family: Family, desc: ModelDesc) -> list[P
         add("build.kv_cache.dtype", f"{b.kv_cache.dtype} KV cache is built by the trtllm "
             "backend only; onnx and rtx keep it in the activation dtype",
             "Set build.kv_cache.dtype=auto.")
+    if q.method != "none":
+        out += _quantize_rules(loaded, desc)
     if q.method != "none" and q.group_size != -1:
         out += _group_rules(loaded, desc)
     if b.backend == "trtllm" and q.method == "awq" and desc.moe is not None:
@@ -156,6 +158,30 @@ def model_rules(loaded: LoadedRecipe, family: Family, desc: ModelDesc) -> list[P
             "supported by TensorRT-LLM 1.2.1's engine flow",
             "Use quantize.method=rtn with quantize.group_size=-1 (W4A16 weight-only, MoE "
             "plugin), or build.backend=rtx.")
+    return out
+
+
+def _quantize_rules(loaded: LoadedRecipe, desc: ModelDesc) -> list[Problem]:
+    """What the quantize stage would refuse only after convert ran: checked up front."""
+    import fnmatch
+
+    q = loaded.recipe.quantize
+    out = []
+    for key, spec in (("quantize.calib.data", q.calib.data), ("quantize.gate.text", q.gate.text)):
+        if spec not in ("builtin", "random") and not Path(spec).is_file():
+            out.append(Problem(key, f"{spec} does not exist or is not a file",
+                               f"Give a UTF-8 text file, builtin, or random ({key}=random).",
+                               loaded.where(key)))
+    if q.method == "awq" and q.calib.seq_len > desc.max_position_embeddings:
+        out.append(Problem("quantize.calib.seq_len", f"got {q.calib.seq_len}; the model has "
+                           f"{desc.max_position_embeddings} positions (max_position_embeddings)",
+                           f"Set quantize.calib.seq_len<={desc.max_position_embeddings}.",
+                           loaded.where("quantize.calib.seq_len")))
+    if not [lin for lin in desc.quantizable()
+            if not any(fnmatch.fnmatchcase(lin.name, p) for p in q.exclude)]:
+        out.append(Problem("quantize.exclude", f"{list(q.exclude)} excludes every quantizable "
+                           "linear", "Remove patterns, or set quantize.method=none.",
+                           loaded.where("quantize.exclude")))
     return out
 
 

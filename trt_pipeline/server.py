@@ -351,5 +351,7 @@ def serve(engine_dir: str | Path, host: str = "127.0.0.1", port: int = 8080,
     log line per request would cost the benchmark it serves."""
     import uvicorn
 
+    # Keep-alive longer than clients' own (httpx 5 s, aiohttp 15 s): a server closing an idle
+    # connection as a client reuses it fails that request.
     uvicorn.run(create_app(engine_dir, max_batch_size, batch_window_s), host=host, port=port,
-                access_log=False, log_level="info")
+                access_log=False, log_level="info", timeout_keep_alive=75)

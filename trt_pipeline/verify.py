@@ -45,7 +45,7 @@ def verify(artifact_dir: Path, hf_dir: Path, text: str = "builtin", tokens: int 
 
 
 def verify_model(model: StepModel, runtime: str, label: str, hf_dir: Path, text: str = "builtin",
-                 tokens: int = 512, window: int = 128) -> VerifyReport:
+                 tokens: int = 512, window: int = 128, key: str = "--text") -> VerifyReport:
     """The comparison itself, for any StepModel (the verify stage opens one from an artifact)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -59,7 +59,7 @@ def verify_model(model: StepModel, runtime: str, label: str, hf_dir: Path, text:
     if hf.config.vocab_size != model.vocab_size:
         raise BadInput([Problem("--against", f"{hf_dir} has vocab {hf.config.vocab_size}, the "
                                 f"artifact {model.vocab_size}: not its source", None)])
-    ids = eval_windows(text, hf_dir, model.vocab_size, tokens, window, key="--text")
+    ids = eval_windows(text, hf_dir, model.vocab_size, tokens, window, key=key)
     diffs, agree, nll_a, nll_h, count = [], 0, 0.0, 0.0, 0
     for row in ids:
         x = row[None].numpy()

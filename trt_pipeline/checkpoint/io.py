@@ -156,6 +156,24 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self.names
 
+    def spec(self, name: str) -> TensorSpec:
+        """Shape and dtype from the file header, without reading the tensor."""
+        sl = self._file.get_slice(name)
+        dtype = {v: k for k, v in ST_DTYPES.items()}[sl.get_dtype()]
+        return TensorSpec(tuple(sl.get_shape()), dtype)
+
+    def contract_problems(self) -> list[Problem]:
+        """Every tensor the config implies, with its shape and dtype (expected_tensors)."""
+        out = []
+        for name, want in expected_tensors(self.desc).items():
+            if name not in self.names:
+                out.append(Problem("checkpoint", f"missing tensor {name}", None, str(self.dir)))
+            elif (got := self.spec(name)) != want:
+                out.append(Problem("checkpoint", f"{name} is {list(got.shape)} {got.dtype}; "
+                                   f"config.json implies {list(want.shape)} {want.dtype}", None,
+                                   str(self.dir)))
+        return out
+
 
 class StreamWriter:
     """Write a safetensors file tensor by tensor: the header (known up front) first, then each

@@ -126,7 +126,7 @@ def _check(src: Path, params: QuantParams) -> tuple[Checkpoint, Scheme, list[str
     excludes: list[str] = []
     if scheme is not None and d.quant.algo is None:
         excludes, more = plan_excludes(d, scheme, params)
-        problems += more
+        problems += more + ckpt.contract_problems()
     if problems:
         raise BadInput(problems, str(src))
     assert scheme is not None
@@ -185,6 +185,7 @@ def _write_tensors(ckpt: Checkpoint, desc: ModelDesc, path: Path, ids: torch.Ten
         for i in track(range(desc.num_layers), "quantize", desc.num_layers):
             t0 = time.perf_counter()
             w = load_weights(ckpt, torch.float32, prefix=f"transformer.layers.{i}.")
+            _refuse_nonfinite(w, ckpt.dir)
             prequant, found = calib.layer(desc, w, i) if calib else ({}, {})
             alphas.update({f"layers.{i}.{k}": v for k, v in found.items()})
             tensors = _layer_tensors(desc, w, i, prequant, dtype)
@@ -198,6 +199,14 @@ def _write_tensors(ckpt: Checkpoint, desc: ModelDesc, path: Path, ids: torch.Ten
         for name, tensor in _outer_tensors(ckpt, desc, rest[first:], dtype):
             writer.write(name, tensor)
     return {"layer_seconds": layer_s, "alphas": alphas}
+
+
+def _refuse_nonfinite(w: dict[str, torch.Tensor], where: Path) -> None:
+    """NaN/Inf weights are refused before any search runs on them (max/min propagate NaN)."""
+    for name, t in w.items():
+        if not (torch.isfinite(t.amax()) and torch.isfinite(t.amin())):
+            raise BadInput([Problem("checkpoint", f"{name} holds NaN or Inf values", None,
+                                    str(where))])
 
 
 @dataclass

@@ -20,6 +20,7 @@ PATH_KEYS = ("model.source", "quantize.calib.data", "quantize.gate.text", "bench
 KEYWORDS = {"builtin", "random", "synthetic"}
 MAX_RECIPE_BYTES = 1_000_000
 MAX_EXTENDS_DEPTH = 16
+MAX_NODES = 100_000  # YAML aliases can expand a small file exponentially ("billion laughs")
 
 
 @dataclass(frozen=True)
@@ -133,17 +134,24 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]
                                 None, str(path))], str(chain[0]))
     data, origins = read_yaml(path)
     parent = data.pop("extends", None)
-    origins.pop("extends", None)
+    where = origins.pop("extends", str(path))
     if parent is None:
         return data, origins
     if not isinstance(parent, str):
         raise BadInput([Problem("extends", f"got {parent!r}; expected a recipe file path", None,
-                                _line(origins, "extends", path))], str(path))
+                                where)], str(path))
     parent_path = Path(parent) if os.path.isabs(parent) else path.parent / parent
     if not parent_path.is_file():
         raise BadInput([Problem("extends", f"{parent!r} not found (looked at {parent_path})", None,
-                                str(path))], str(path))
-    base, base_origins = _read_with_extends(parent_path, (*chain, resolved))
+                                where)], str(path))
+    try:
+        base, base_origins = _read_with_extends(parent_path, (*chain, resolved))
+    except BadInput as exc:
+        if any(p.path == "extends" for p in exc.problems):
+            raise
+        inner = "; ".join(p.render() for p in exc.problems)
+        raise BadInput([Problem("extends", f"{parent!r} is not a usable recipe: {inner}",
+                                None, where)], str(path)) from None
     return _merge(base, data), {**base_origins, **origins}
 
 
@@ -169,12 +177,19 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
                                 "Save the file as UTF-8.", f"{where}:{line}")], where) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        size = _expanded_size(node, {})
+        if size > MAX_NODES:
+            raise BadInput([Problem("", f"expands to {size:,} YAML nodes (aliases); a recipe "
+                                    f"has at most {MAX_NODES:,}", "Remove the aliases.", where)],
+                           where)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         loc = f"{where}:{mark.line + 1}" if mark else where
         what = getattr(exc, "problem", None) or str(exc)
         raise BadInput([Problem("", f"YAML syntax error: {what}", None, loc)], where) from None
+    except RecursionError:
+        raise BadInput([Problem("", "YAML nested too deeply", None, where)], where) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -182,7 +197,7 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
                                 "of sections (name, model, build, ...)", None, where)], where)
     origins: dict[str, str] = {}
     problems: list[Problem] = []
-    _walk(node, "", where, origins, problems)
+    _walk(node, "", where, origins, problems, set())
     if problems:
         raise BadInput(problems, where)
     for key in PATH_KEYS:
@@ -192,7 +207,26 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return data, origins
 
 
-def _walk(node: Any, prefix: str, where: str, origins: dict[str, str], problems: list[Problem]):
+def _expanded_size(node: Any, memo: dict[int, int]) -> int:
+    """Nodes the document has once aliases are expanded, counted over shared nodes once each."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a cycle counts once
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
+
+
+def _walk(node: Any, prefix: str, where: str, origins: dict[str, str], problems: list[Problem],
+          seen_nodes: set[int]) -> None:
+    if id(node) in seen_nodes:  # an alias: its keys were located where the anchor is
+        return
+    seen_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -203,11 +237,11 @@ def _walk(node: Any, prefix: str, where: str, origins: dict[str, str], problems:
                 problems.append(Problem(path, "duplicate key", "Keep one of them.", loc))
             seen.add(key)
             origins[path] = loc
-            _walk(value_node, path, where, origins, problems)
+            _walk(value_node, path, where, origins, problems, seen_nodes)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             origins[f"{prefix}.{i}"] = f"{where}:{item.start_mark.line + 1}"
-            _walk(item, f"{prefix}.{i}", where, origins, problems)
+            _walk(item, f"{prefix}.{i}", where, origins, problems, seen_nodes)
 
 
 def _resolve_path(value: str, base: Path) -> str:
@@ -239,10 +273,6 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
     for part in parents:
         node = node[part]
     node[leaf] = value
-
-
-def _line(origins: dict[str, str], key: str, path: Path) -> str:
-    return origins.get(key, str(path))
 
 
 # --- pydantic errors -> problems ----------------------------------------------------------------

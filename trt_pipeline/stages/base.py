@@ -48,7 +48,7 @@ class Stage:
     run: Callable[[StageContext], dict[str, Any]] | None
     code: tuple[str, ...]
     vendors: tuple[str, ...] = ()
-    fingerprint: Callable[[Any], tuple[str, Path, dict[str, Any]]] | None = None
+    fingerprint: Callable[[Any, Path], tuple[str, Path, dict[str, Any]]] | None = None
 
 
 def params_dict(params: Any) -> dict[str, Any]:

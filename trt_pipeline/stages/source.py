@@ -93,11 +93,9 @@ def fingerprint_dir(model_dir: Path, memo: HashMemo | None = None) -> tuple[str,
     return h.hexdigest()[:20], listing
 
 
-def fingerprint(params: SourceParams) -> tuple[str, Path, dict[str, Any]]:
-    from ..cache import default_cache_root
-
+def fingerprint(params: SourceParams, root: Path) -> tuple[str, Path, dict[str, Any]]:
+    """(content key, model dir, listing); file hashes are memoized under the cache `root`."""
     path = resolve_source(params.source, params.revision)
-    root = default_cache_root()
     try:
         root.mkdir(parents=True, exist_ok=True)
         memo: HashMemo | None = HashMemo(root)

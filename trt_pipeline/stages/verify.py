@@ -34,7 +34,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     runtime = engine.metrics["runtime"]
     model = open_runtime(engine.dir, runtime)
     report = verify_model(model, model.runtime, f"{engine.stage} {engine.key}",
-                          ctx.inputs["source"].dir, p.text, p.tokens, p.window)
+                          ctx.inputs["source"].dir, p.text, p.tokens, p.window,
+                          key="quantize.gate.text")
     (ctx.out / REPORT).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     ctx.log.info("verify: max |logit diff| %.3g, top-1 agreement %.4f, ppl %.3f vs hf %.3f",
                  report.max_abs_diff, report.top1_agreement, report.ppl_artifact, report.ppl_hf)

@@ -83,8 +83,9 @@ def decide(runtime: dict[str, Any], gpu: Gpu | None, installed: str | None,
     if runtime["version"] != installed:
         problems.append(Problem("runtime.version", f"{built}; TensorRT for RTX {installed} is "
                                 "installed, and engines do not load across versions",
-                                f"Rebuild with {installed} (build-engine RECIPE --force build), "
-                                f"or install tensorrt-rtx-cu12=={runtime['version']}."))
+                                f"Rebuild with {installed} (build-engine build RECIPE --force "
+                                f"build_rtx), or install tensorrt-rtx-cu12=={runtime['version']}."
+                                ))
     if problems:
         raise BadInput(problems)
     return None
