@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .registry import registry
+
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4", "fp8", "fp4"]
 
 _AMPERE: tuple[Precision, ...] = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -30,18 +32,10 @@ class Target:
         return f"sm{self.sm}" if self.sm else "cpu"
 
 
-def _registry(*targets: Target) -> dict[str, Target]:
-    out: dict[str, Target] = {}
-    for t in targets:
-        if t.name in out:
-            raise ValueError(f"duplicate target {t.name}")
-        out[t.name] = t
-    return out
-
 
 # Memory sizes and bandwidths are NVIDIA's published board specs; the 3060 tensor rate is
 # derived in facts/benchmarking.md §7.1 (GeForce Ampere: FP16 with FP32 accumulate at half rate).
-TARGETS: dict[str, Target] = _registry(
+TARGETS: dict[str, Target] = registry("target",
     Target("rtx3060-12gb", "GeForce RTX 3060 12 GB (GA106)", 86, 12, 360, _AMPERE,
            fp16_tflops=25.5),
     Target("rtx3060-8gb", "GeForce RTX 3060 8 GB (GA106, 128-bit)", 86, 8, 240, _AMPERE),

@@ -5,20 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import BadInput, Problem, did_you_mean
+from ..registry import registry
 from . import hunyuan, llama, mixtral, qwen2, qwen2_moe, qwen3
 from .rules import Family
 
-
-def _registry(*families: Family) -> dict[str, Family]:
-    out: dict[str, Family] = {}
-    for f in families:
-        if f.name in out:
-            raise ValueError(f"duplicate family {f.name}")
-        out[f.name] = f
-    return out
-
-
-FAMILIES: dict[str, Family] = _registry(
+FAMILIES: dict[str, Family] = registry("family",
     llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, hunyuan.FAMILY, mixtral.FAMILY, qwen2_moe.FAMILY
 )
 BY_ARCHITECTURE: dict[str, Family] = {a: f for f in FAMILIES.values() for a in f.architectures}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import Problem, one_of
+from ..registry import registry
 
 GROUP_SIZES = (64, 128)
 PER_CHANNEL = -1
@@ -25,16 +26,8 @@ class Scheme:
     pre_quant_scale: bool  # the checkpoint carries `prequant_scaling_factor` tensors
 
 
-def _registry(*schemes: Scheme) -> dict[str, Scheme]:
-    out: dict[str, Scheme] = {}
-    for s in schemes:
-        if s.name in out:
-            raise ValueError(f"duplicate scheme {s.name}")
-        out[s.name] = s
-    return out
 
-
-SCHEMES = _registry(
+SCHEMES = registry("scheme",
     Scheme("int4_awq", "W4A16_AWQ", 4, per_group=True, needs_calibration=True,
            pre_quant_scale=True),
     Scheme("int4_rtn", "W4A16_AWQ", 4, per_group=True, needs_calibration=False,

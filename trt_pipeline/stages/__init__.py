@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
+from ..registry import registry
 from . import build_rtx, build_trtllm, convert, lower, quantize, source, verify
 from .base import Artifact, Stage, StageContext
 
-
-def _registry(*stages: Stage) -> dict[str, Stage]:
-    out: dict[str, Stage] = {}
-    for s in stages:
-        if s.name in out:
-            raise ValueError(f"duplicate stage {s.name}")
-        out[s.name] = s
-    return out
-
-
-STAGES: dict[str, Stage] = _registry(
+STAGES: dict[str, Stage] = registry("stage",
     source.STAGE, convert.STAGE, quantize.STAGE, lower.STAGE, build_rtx.STAGE, build_trtllm.STAGE,
     verify.STAGE,
 )
