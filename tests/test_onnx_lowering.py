@@ -20,6 +20,7 @@ from tiny_models import FAMILY_NAMES
 
 from trt_pipeline.backends.onnx.lower import (
     DATA_FILE,
+    LOGITS_TO_KEEP,
     MODEL_FILE,
     lower_checkpoint,
     lowering_problems,
@@ -92,9 +93,11 @@ def test_logits_and_greedy_match_reference(family, variant, lowered):
 
 
 @pytest.mark.parametrize("variant", ["w8a16", "w4a16"])
-def test_per_channel_weight_only_matches_reference(variant, lowered):
-    """Per-channel W8A16/W4A16, dense linears and MoE expert stacks (qwen2_moe has both)."""
-    ckpt, graph, _ = lowered("qwen2_moe", variant)
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_per_channel_weight_only_matches_reference(family, variant, lowered):
+    """Per-channel W8A16/W4A16: dense linears (llama's fc+gate stacked along [in, out]) and MoE
+    expert stacks (qwen2_moe)."""
+    ckpt, graph, _ = lowered(family, variant)
     ids = _prompt()
     diff = np.abs(OnnxModel.load(graph).forward(ids)
                   - ReferenceModel.load(ckpt).forward(ids).numpy()).max()
@@ -163,11 +166,19 @@ def test_graph_is_standard_opset23_and_named_by_checkpoint(family, variant, lowe
     locations = {e.value for t in model.graph.initializer for e in t.external_data
                  if e.key == "location"}
     assert locations == {DATA_FILE}
-    for t in model.graph.initializer:  # a checkpoint tensor (`[e]`: expert e) or a graph constant
-        assert ck.has(t.name.split("[")[0]) or "/" in t.name or t.name.startswith("rope."), t.name
+    for t in model.graph.initializer:  # checkpoint tensors (`[e]`: expert e) or a graph constant
+        assert ("/" in t.name or t.name.startswith("rope.") or t.name == LOGITS_TO_KEEP
+                or all(ck.has(n) for n in _checkpoint_names(t.name))), t.name
     if VARIANTS[variant][0] == "float":  # every checkpoint tensor lowered exactly once
         specs = expected_tensors(ck.desc)
         assert metrics["parameters"] == sum(int(np.prod(s.shape)) for s in specs.values())
+
+
+def _checkpoint_names(initializer: str) -> list[str]:
+    """The checkpoint tensors an initializer holds: `a.fc+gate.weight` stacks a.fc.weight and
+    a.gate.weight; `name[e]` is expert e of `name`."""
+    *scope, modules, leaf = initializer.split("[")[0].split(".")
+    return [".".join([*scope, m, leaf]) for m in modules.split("+")]
 
 
 def test_graph_io_contract(lowered):
@@ -194,7 +205,10 @@ def test_graph_io_contract(lowered):
             past, present = ins[f"past_key_values.{i}.{kind}"], outs[f"present.{i}.{kind}"]
             assert (elem(past), dims(past)) == (f16, ["batch", 2, "past", 64])
             assert (elem(present), dims(present)) == (f16, ["batch", 2, "total", 64])
-    assert len(ins) == len(outs) + 2 == 3 + 4
+    assert (elem(ins[LOGITS_TO_KEEP]), dims(ins[LOGITS_TO_KEEP])) == (t.INT64, [1])
+    default = {i.name: i for i in g.initializer}[LOGITS_TO_KEEP]  # all positions unless fed
+    assert onnx.numpy_helper.to_array(default).tolist() == [0]
+    assert len(ins) == len(outs) + 3 == 3 + 4 + 1
     model = OnnxModel.load(graph)  # the runner's StepModel reads the rest from the graph
     assert (model.vocab_size, model.max_seq_len, model.num_layers) == (VOCAB, 4096, 2)
 
@@ -215,17 +229,15 @@ def test_int4_initializer_is_the_checkpoint_nibbles(lowered):
         np.testing.assert_array_equal(got.astype(np.int8), unpack_int4(raw, -2).T.numpy())
 
 
-@pytest.mark.parametrize("family, variant", [("llama", "float16"), ("qwen2_moe", "float16"),
-                                             ("hunyuan", "int4_float16")])
-def test_tensorrt_rtx_builds_sm86_engine(family, variant, lowered):
-    """Parse with TensorRT for RTX's ONNX parser and build an SM86 engine (no GPU needed)."""
+def _build_sm86(graph_dir: Path) -> list[str]:
+    """Parse with TensorRT for RTX's ONNX parser and build an SM86 engine (no GPU needed);
+    returns the network's input names."""
     trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12 (extra [rtx]) missing")
-    _, graph, _ = lowered(family, variant)
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
     net = builder.create_network(0)
     parser = trt.OnnxParser(net, logger)
-    ok = parser.parse_from_file(str(graph / MODEL_FILE))
+    ok = parser.parse_from_file(str(graph_dir / MODEL_FILE))
     assert ok, [str(parser.get_error(i)) for i in range(parser.num_errors)]
     cfg = builder.create_builder_config()
     cfg.num_compute_capabilities = 1
@@ -244,6 +256,17 @@ def test_tensorrt_rtx_builds_sm86_engine(family, variant, lowered):
         profile.set_shape(t.name, shape(1, 1, 0), shape(1, 8, 8), shape(2, 16, 32))
     cfg.add_optimization_profile(profile)
     assert builder.build_serialized_network(net, cfg) is not None
+    return [net.get_input(i).name for i in range(net.num_inputs)]
+
+
+@pytest.mark.parametrize("family, variant", [("llama", "float16"), ("qwen2_moe", "float16"),
+                                             ("hunyuan", "int4_float16")])
+def test_tensorrt_rtx_builds_sm86_engine(family, variant, lowered):
+    """The engine's inputs are the I/O contract's: TensorRT takes `logits_to_keep`, backed by an
+    initializer, as its constant default (every position's logits)."""
+    inputs = _build_sm86(lowered(family, variant)[1])
+    assert LOGITS_TO_KEEP not in inputs and inputs[:3] == [
+        "input_ids", "position_ids", "attention_mask"]
 
 
 def test_unsupported_inputs_are_reported_together(tiny_ckpt):
@@ -270,3 +293,73 @@ def test_onnx_runtime_fuses_int4_dequantize_matmul(family, lowered, tmp_path):
                                         load_external_data=False).graph.node]
     assert "DequantizeLinear" not in ops
     assert ops.count("MatMulNBits") == metrics["ops"]["DequantizeLinear"]
+
+
+@pytest.mark.parametrize("family, variant", [("llama", "float32"), ("hunyuan", "int4"),
+                                             ("qwen2_moe", "int4")])
+def test_last_only_logits_are_the_last_row_of_all_logits(family, variant, lowered):
+    """`logits_to_keep` = 1 (generation) gives the last position's logits of the full graph, at
+    prefill and through the KV cache, with the head computed for that position alone."""
+    _, graph, _ = lowered(family, variant)
+    model = OnnxModel.load(graph)
+    ids = _prompt()
+    full_cache, last_cache = OnnxKVCache(), OnnxKVCache()
+    full, last = model.forward(ids, full_cache), model.forward(ids, last_cache, last_only=True)
+    assert full.shape == (1, 17, VOCAB) and last.shape == (1, 1, VOCAB)
+    assert np.abs(last - full[:, -1:]).max() <= 1e-5
+    nxt = last[:, -1].argmax(-1)[:, None]
+    assert np.abs(model.forward(nxt, last_cache, last_only=True)
+                  - model.forward(nxt, full_cache)).max() <= 1e-5
+
+
+def _as_awq_writes_a_tied_model(int4_ckpt: Path, out: Path) -> Path:
+    """What the AWQ quantizer writes for a tied model whose lm_head is not excluded: scales it
+    folded into a norm or linear leave prequant_scaling_factor at ones, and the head is an INT4
+    tensor of its own (RTN of the embedding, which itself stays float)."""
+    from safetensors.torch import load_file, save_file
+
+    from trt_pipeline.checkpoint.desc import ModelDesc
+    from trt_pipeline.checkpoint.io import read_config, write_config
+    from trt_pipeline.quant.pack import linear_tensors
+
+    out.mkdir()
+    t = load_file(str(int4_ckpt / "rank0.safetensors"))
+    t.update({k: torch.ones_like(v) for k, v in t.items() if k.endswith("prequant_scaling_factor")})
+    cfg = read_config(int4_ckpt)
+    cfg["quantization"]["exclude_modules"] = [
+        m for m in cfg["quantization"]["exclude_modules"] if m != "lm_head"]
+    table = t["transformer.vocab_embedding.weight"]
+    t.update(linear_tensors("lm_head", table.float(), ModelDesc.from_config(cfg).quant,
+                            table.dtype))
+    save_file(t, str(out / "rank0.safetensors"))
+    write_config(out, cfg)
+    return out
+
+
+def test_tied_model_with_its_own_int4_head(lowered, tmp_path):
+    """The head a tied model's quantizer wrote is lowered as INT4 DQ + MatMul (MatMulNBits in
+    ONNX Runtime) instead of the float table; linears and fc+gate without an AWQ input scale get
+    no Mul; logits still equal the reference's (which dequantizes the same head)."""
+    import onnxruntime as ort
+
+    ckpt = _as_awq_writes_a_tied_model(lowered("hunyuan", "int4")[0], tmp_path / "ckpt")
+    metrics = lower_checkpoint(ckpt, tmp_path / "onnx", "float32")
+    names = [n.name for n in _graph(tmp_path / "onnx").graph.node]
+    assert "lm_head/DequantizeLinear" in names and "Gemm" not in metrics["ops"]
+    assert not [n for n in names if n.endswith("prequant/Mul")]
+    assert "transformer.layers.1.mlp.fc+gate/MatMul" in names
+    assert metrics["ops"]["DequantizeLinear"] == 2 * 4 + 1  # qkv, dense, fc+gate, proj; head
+    model = OnnxModel.load(tmp_path / "onnx")
+    ref = ReferenceModel.load(ckpt)
+    ids = _prompt()
+    assert np.abs(model.forward(ids) - ref.forward(ids).numpy()).max() <= 1e-4
+    np.testing.assert_array_equal(greedy(model, ids, 16), reference_greedy(ref, ids, 16).numpy())
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "onnx" / MODEL_FILE), opts,
+                         providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath,
+                                        load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == metrics["ops"]["DequantizeLinear"]
+    lower_checkpoint(ckpt, tmp_path / "onnx16", "float16")  # the INT4 head builds for the GPU
+    _build_sm86(tmp_path / "onnx16")

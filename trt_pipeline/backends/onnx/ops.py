@@ -8,7 +8,10 @@ the float16 graphs of a tiny dense model and a tiny MoE model are parsed by
 onnx 1.23.2: all six families x {float16, float16 + W4A16_AWQ} and llama/qwen2_moe x float16 +
 {W8A16, W4A16 per-channel} parsed and built (0.4-4 s each, SM86 profile batch 1-2, seq 1-16,
 past 0-32). Per-expert INT4 stays INT4: an E=8, H=I=1024 MoE block built to a 14.3 MB engine
-(12.6 MB of int4 weights; float32 weights: 103 MB).
+(12.6 MB of int4 weights; float32 weights: 103 MB). Rechecked the same way (tests/test_rtx_build.py,
+all six families x {float16, INT4}) after fc+gate became one stacked INT4 linear and the head
+gained `logits_to_keep` (Neg, Slice): TensorRT takes that initializer-backed input as its
+constant default, so it is no engine input and engines keep every position's logits.
 
 Per dtype, not per op: the float32 graphs parse but do not build, because TensorRT for RTX has no
 float32 attention kernel:
@@ -33,12 +36,14 @@ TRT_RTX_PARSED_OPS = frozenset({
     "Gemm",  # tied lm_head, transB=1
     "MatMul",
     "Mul",
+    "Neg",  # of logits_to_keep, an initializer-backed input TensorRT takes as a constant
     "RMSNormalization",
     "Reshape",
     "RotaryEmbedding",  # position_ids int64: the parser asks for an int64 binding
     "ScatterElements",
     "Shape",
     "Sigmoid",
+    "Slice",  # the last logits_to_keep positions before the lm_head
     "Softmax",
     "Split",
     "Sum",

@@ -15,9 +15,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .lower import MODEL_FILE
+from .lower import LOGITS_TO_KEEP, MODEL_FILE
 
-EXACT = 1  # MatMulNBits accuracy level: float32 activations
+# MatMulNBits accuracy levels (ONNX Runtime fuses every INT4 DQ + MatMul into one):
+EXACT = 1  # float32 activations: the reference's logits to 1e-5; what the tests run
+FAST = 4  # int8 activations per block: what engines should run (their runtime dict says so)
 NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -77,10 +79,17 @@ class OnnxModel:
     @classmethod
     def load(cls, model_dir: Path | str, threads: int | None = None,
              accuracy_level: int = EXACT) -> OnnxModel:
-        """`accuracy_level` of the MatMulNBits kernels ONNX Runtime fuses from INT4 DQ+MatMul:
-        1 computes in float32 (matches the reference to 1e-5); ONNX Runtime's own default, 4,
-        quantizes activations to int8 per block (faster; max logit error 0.25 on tiny models)."""
+        """`accuracy_level` of the MatMulNBits kernels: EXACT (1) or FAST (4, ONNX Runtime's own
+        default). On 2 AVX2 cores FAST decodes the Hunyuan-0.5B shape (INT4 head) about 3x
+        faster (41-50 vs 15-16 tokens/s; level 1's float32 kernel is compute-bound); it moved
+        logits by up to 0.08 (span +-3) with the same greedy tokens, and on the default model
+        perplexity 31.85 -> 31.88, top-1 98.6 % of level 1's (bench/bench_onnx.py --accuracy).
+        `threads`: intra-op threads, default every core (on a busy 2-core host one thread can
+        be faster: a parallel kernel waits for its descheduled half)."""
         opts = ort.SessionOptions()
+        # errors only: ONNX Runtime warns on every load that `logits_to_keep`, an initializer
+        # that is also a graph input, is not folded as a constant, which is its purpose (lower.py)
+        opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
@@ -90,13 +99,15 @@ class OnnxModel:
         return cls(session)
 
     def forward(self, input_ids: Any, cache: OnnxKVCache | None = None,
-                valid: Any = None) -> np.ndarray:
+                valid: Any = None, last_only: bool = False) -> np.ndarray:
         """Logits [B, S, V] float32 for input_ids [B, S] (torch or numpy) appended to `cache`
-        (updated in place); `valid` [B, S] is False for left padding."""
+        (updated in place); `valid` [B, S] is False for left padding. `last_only`: [B, 1, V],
+        the vocabulary projection computed for the last position alone."""
         ids = np.ascontiguousarray(np.asarray(input_ids), dtype=np.int64)
         cache = cache if cache is not None else OnnxKVCache()
         positions, mask, all_valid = step_inputs(ids, cache.valid, valid)
-        feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
+        feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": mask,
+                 LOGITS_TO_KEEP: np.array([1 if last_only else 0], dtype=np.int64)}
         vals = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
         if cache.keys:
             pasts = [*cache.keys, *cache.values]
@@ -117,8 +128,9 @@ class OnnxModel:
     def new_cache(self, batch: int) -> OnnxKVCache:
         return OnnxKVCache()
 
-    def step(self, input_ids: np.ndarray, cache: OnnxKVCache, valid: np.ndarray) -> np.ndarray:
-        return self.forward(input_ids, cache, valid)
+    def step(self, input_ids: np.ndarray, cache: OnnxKVCache, valid: np.ndarray,
+             last_only: bool = False) -> np.ndarray:
+        return self.forward(input_ids, cache, valid, last_only)
 
 
 def open_runtime(engine_dir: Path, runtime: dict[str, Any]) -> OnnxModel:
@@ -132,12 +144,12 @@ def open_runtime(engine_dir: Path, runtime: dict[str, Any]) -> OnnxModel:
 def greedy(model: OnnxModel, input_ids: Any, max_new_tokens: int) -> np.ndarray:
     """Greedy decoding with the KV cache; returns only the new tokens [B, N] (int64)."""
     cache = OnnxKVCache()
-    logits = model.forward(input_ids, cache)
+    logits = model.forward(input_ids, cache, last_only=True)
     out = []
     nxt = logits[:, -1].argmax(-1)[:, None]
     for _ in range(max_new_tokens):
         out.append(nxt)
         if len(out) == max_new_tokens:
             break
-        nxt = model.forward(nxt, cache)[:, -1].argmax(-1)[:, None]
+        nxt = model.forward(nxt, cache, last_only=True)[:, -1].argmax(-1)[:, None]
     return np.concatenate(out, axis=1).astype(np.int64)
