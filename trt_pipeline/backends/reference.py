@@ -25,9 +25,10 @@ class ReferenceStep:
     def new_cache(self, batch: int) -> KVCache:
         return KVCache()
 
-    def step(self, input_ids: np.ndarray, cache: KVCache, valid: np.ndarray) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, cache: KVCache, valid: np.ndarray,
+             last_only: bool = False) -> np.ndarray:
         logits = self.model.forward(torch.from_numpy(input_ids).long(), cache,
-                                    torch.from_numpy(valid).bool())
+                                    torch.from_numpy(valid).bool(), last_only)
         return logits.numpy()
 
 

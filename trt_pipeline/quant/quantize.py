@@ -144,6 +144,11 @@ def quantize_checkpoint(src: Path, out: Path, params: QuantParams) -> dict[str, 
         ids = calibration_ids(params.calib_data, src, ckpt.desc.vocab_size, params.samples,
                               params.seq_len, params.seed)
     cfg = quantized_config(ckpt.config, scheme, params.group_size, excludes)
+    if cfg.get("tie_word_embeddings") and ModelDesc.from_config(cfg).quant.quantized("lm_head"):
+        # The embedding is never quantized (a Gather reads one row), but the head is read whole
+        # every token: quantizing it means storing it apart (54 % of Hunyuan-0.5B's W4 decode
+        # bytes; facts/benchmarking.md §7.3). TensorRT-LLM reads an untied head as lm_head.*.
+        cfg["tie_word_embeddings"] = False
     desc = ModelDesc.from_config(cfg)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -240,8 +245,9 @@ def _outer_tensors(ckpt: Checkpoint, desc: ModelDesc, names: list[str], dtype: t
     round-to-nearest (AWQ here covers the decoder layers only)."""
     lm_head = {}
     if "lm_head.weight" in names and desc.quant.quantized("lm_head"):
-        lm_head = linear_tensors("lm_head", ckpt.get("lm_head.weight").float(), desc.quant,
-                                 dtype)
+        source = "lm_head.weight" if ckpt.has("lm_head.weight") else \
+            "transformer.vocab_embedding.weight"  # a tied head, stored apart to be quantized
+        lm_head = linear_tensors("lm_head", ckpt.get(source).float(), desc.quant, dtype)
     for name in names:
         yield name, lm_head[name] if name in lm_head else ckpt.get(name).to(dtype)
 

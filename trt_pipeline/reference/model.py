@@ -108,9 +108,10 @@ class ReferenceModel:
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits [B, S, V] (float32) for input_ids [B, S] appended to `cache` (updated in place).
-        `valid` [B, S] marks real tokens (False for left padding)."""
+        `valid` [B, S] marks real tokens (False for left padding); `last_only` gives [B, 1, V]
+        (the head over one position instead of the whole prompt)."""
         d = self.desc
         cache = cache if cache is not None else KVCache()
         if not cache.keys:
@@ -122,7 +123,7 @@ class ReferenceModel:
             kv = (cache.keys[i], cache.values[i])
             h, (cache.keys[i], cache.values[i]) = decoder_layer(d, self.w, i, h, ctx, kv)
         cache.valid = ctx.valid
-        return lm_head(d, self.w, h)
+        return lm_head(d, self.w, h[:, -1:] if last_only else h)
 
 
 @dataclass(frozen=True)

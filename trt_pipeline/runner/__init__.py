@@ -144,7 +144,7 @@ class Runner:
             valid[i, width - len(p):] = True
         streams = [_Stream(self, list(p), params[i]) for i, p in enumerate(prompts)]
         cache = self.model.new_cache(b)
-        logits = self.model.step(ids, cache, valid)[:, -1]
+        logits = self.model.step(ids, cache, valid, last_only=True)[:, -1]
         while True:
             nxt = np.full((b, 1), pad, dtype=np.int64)
             alive = np.zeros((b, 1), dtype=bool)
@@ -157,7 +157,7 @@ class Runner:
                     nxt[i, 0], alive[i, 0] = event.token_id, True
             if not alive.any():
                 return
-            logits = self.model.step(nxt, cache, alive)[:, -1]
+            logits = self.model.step(nxt, cache, alive, last_only=True)[:, -1]
 
 
 class _Stream:

@@ -16,6 +16,7 @@ class StepModel(Protocol):
     def new_cache(self, batch: int) -> Any:
         """An empty KV cache for `batch` sequences."""
 
-    def step(self, input_ids: np.ndarray, cache: Any, valid: np.ndarray) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, cache: Any, valid: np.ndarray,
+             last_only: bool = False) -> np.ndarray:
         """Append input_ids [B, S] (int64; `valid` [B, S] False for left padding) to the cache and
-        return the logits of every position [B, S, V] as float32."""
+        return float32 logits [B, S, V] ([B, 1, V] with last_only; a runtime may ignore it)."""

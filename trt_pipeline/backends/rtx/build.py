@@ -200,11 +200,14 @@ def build_engine(onnx_dir: Path, out_dir: Path, spec: RtxBuildSpec) -> dict[str,
 
 
 def runtime_dict(spec: RtxBuildSpec, version: str) -> dict[str, Any]:
+    from ..onnx.runtime import FAST  # the CPU fallback runs INT4 at ONNX Runtime's fast level
+
     return {"kind": "tensorrt_rtx", "engine": ENGINE_FILE, "sm": spec.sm, "target": spec.target,
             "version": version, "max_batch_size": spec.max_batch_size,
             "max_input_len": spec.max_input_len, "max_seq_len": spec.max_seq_len,
             "decode_profile": 1 if spec.decode_profile else None,
-            "cpu_fallback": {"kind": "onnxruntime", "model_dir": ONNX_DIR}}
+            "cpu_fallback": {"kind": "onnxruntime", "model_dir": ONNX_DIR,
+                             "accuracy_level": FAST}}
 
 
 def _build(trt: Any, logger: Any, onnx_dir: Path, spec: RtxBuildSpec, cc: Any, log_path: Path

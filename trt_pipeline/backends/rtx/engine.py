@@ -194,7 +194,8 @@ class RtxModel:
         write_bytes_atomic(self.cache_path, bytes(self.runtime_cache.serialize()))
         self._unsaved = False
 
-    def step(self, input_ids: np.ndarray, cache: RtxKVCache, valid: np.ndarray) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, cache: RtxKVCache, valid: np.ndarray,
+             last_only: bool = False) -> np.ndarray:  # the engine computes every position
         import torch
 
         from ..onnx.runtime import step_inputs
