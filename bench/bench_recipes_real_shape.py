@@ -44,7 +44,8 @@ def report(name: str, result: dict) -> None:
     engine = Path(result["engine_dir"]) / "model.engine"
     print(f"\n{name}: {result['wall_s']} s wall, engine {engine.stat().st_size:,} B")
     for s in result["stages"]:
-        print(f"  {s['stage']:<10} {'cached' if s['cached'] else f'{s['seconds']:8.1f} s'}")
+        status = "cached" if s["cached"] else f"{s['seconds']:8.1f} s"
+        print(f"  {s['stage']:<10} {status}")
     fit = manifest["metrics"].get("memory_fit", {})
     est = fit.get("estimate", {})
     print(f"  planner total {est.get('total_bytes', 0) / 2**30:.2f} GiB on {manifest['target']}")

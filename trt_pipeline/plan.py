@@ -69,7 +69,8 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     problems = model_rules(loaded, family, desc)
     estimate = None
     if target.kind != "cpu":
-        estimate = memory_fit.estimate(desc, weight_bits(r.quantize), engine_dtype(loaded),
+        estimate = memory_fit.estimate(engine_desc(desc, r.quantize), weight_bits(r.quantize),
+                                       engine_dtype(loaded),
                                        r.build.max_batch_size, r.build.max_input_len,
                                        r.build.max_seq_len, target,
                                        group_size=max(r.quantize.group_size, 1))
@@ -81,6 +82,19 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     engine_stage = next(s.stage for s in reversed(specs) if s.stage != "verify")
     return Plan(loaded, target, family, source_dir, desc, tuple(specs), engine_stage, estimate,
                 tuple(_notes(loaded)))
+
+
+def engine_desc(desc: ModelDesc, q: QuantizeSection) -> ModelDesc:
+    """The model as the engine will hold it: a tied head that is quantized is stored apart from
+    the float embedding (quant/quantize.py), so it counts as a linear of its own."""
+    import dataclasses
+    import fnmatch
+
+    quantized_head = q.method != "none" and not any(
+        fnmatch.fnmatchcase("lm_head", p) for p in q.exclude)
+    if desc.tie_word_embeddings and quantized_head:
+        return dataclasses.replace(desc, tie_word_embeddings=False)
+    return desc
 
 
 def weight_bits(q: QuantizeSection) -> dict[str, int]:
