@@ -40,3 +40,21 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own cache and engines roots; nothing touches the user's."""
     monkeypatch.setenv("TRT_PIPELINE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TRT_PIPELINE_ENGINES", str(tmp_path / "engines"))
+
+
+@pytest.fixture(scope="module")
+def float_engine(tmp_path_factory):
+    """(recipe, cache root, engine dir) of a float32 ONNX engine of the default model, built once
+    per module in its own roots."""
+    from reliability_helpers import FLOAT_ONNX, env_roots, write_recipe
+
+    from trt_pipeline.cache import Cache
+    from trt_pipeline.executor import execute
+    from trt_pipeline.plan import make_plan
+    from trt_pipeline.recipe.load import load_recipe
+
+    root = tmp_path_factory.mktemp("float")
+    recipe = write_recipe(root / "float-onnx.yaml", FLOAT_ONNX)
+    with env_roots(root):
+        result = execute(make_plan(load_recipe(recipe)), Cache(root / "cache"), root / "engines")
+    return recipe, root / "cache", result.engine_dir

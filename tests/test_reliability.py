@@ -297,20 +297,6 @@ def test_a_write_past_the_file_size_limit(tmp_path):
 # --- (f) version drift ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def float_engine(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(recipe, cache root, engine dir) of FLOAT_ONNX, built once for this module."""
-    from trt_pipeline.executor import execute
-    from trt_pipeline.plan import make_plan
-    from trt_pipeline.recipe.load import load_recipe
-
-    root = tmp_path_factory.mktemp("float")
-    recipe = write_recipe(root / "float-onnx.yaml", FLOAT_ONNX)
-    with env_roots(root):
-        result = execute(make_plan(load_recipe(recipe)), Cache(root / "cache"), root / "engines")
-    return recipe, root / "cache", result.engine_dir
-
-
 def test_a_changed_vendor_version_rebuilds_the_stages_that_use_it(float_engine, tmp_path,
                                                                   monkeypatch):
     import trt_pipeline.stages.base as base
