@@ -191,9 +191,8 @@ def attention(d: ModelDesc, w: dict[str, torch.Tensor], i: int, x: torch.Tensor,
     if kv[0] is not None:
         k = torch.cat([kv[0], k], dim=2)
         v = torch.cat([kv[1], v], dim=2)
-    rep = d.num_heads // d.num_kv_heads
-    out = F.scaled_dot_product_attention(
-        q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), attn_mask=ctx.mask)
+    # enable_gqa: query heads share their KV head without materializing repeated K/V per step
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True)
     out = out.transpose(1, 2).reshape(b, s, d.q_size)
     return out @ w[f"{p}.dense.weight"].T, (k, v)
 
