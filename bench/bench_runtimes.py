@@ -3,7 +3,7 @@ batch 1 and at concurrency 4, on the default model and on a Hunyuan-0.5B-shape m
 
     python bench/bench_runtimes.py [--work /tmp/trtp-bench-runtimes] [--models default hunyuan]
         [--rounds 3] [--isl 128] [--osl 64] [--hunyuan-osl 32] [--hunyuan-quant rtn|awq]
-        [--onnx-accuracy-level 4]
+        [--onnx-accuracy-level 4] [--profile]
 
 Each model's INT4 W4A16 g128 ONNX engine is built by the pipeline (cached under --work): the
 default model with AWQ on its builtin text (recipes/default-onnx.yaml's quantization), the
@@ -19,6 +19,8 @@ reorders). Engines beside each other, one process, interleaved rounds, medians:
 Every side gets the same seeded random prompts (ISL tokens) and makes exactly OSL tokens each
 (ignore_eos / min_new_tokens). tokens/s = all new tokens / wall seconds of the whole call, prefill
 included. Concurrency 4 = one call with 4 requests: the runner batches them.
+--profile: then a torch profile of one batch-1 call (OSL tokens) of the reference and of
+transformers: where their time goes, op by op.
 """
 
 from __future__ import annotations
@@ -134,7 +136,24 @@ def bench(model: str, args: argparse.Namespace) -> dict:
     hf = table["transformers generate()"]
     for name, t in table.items():
         print(f"| {name} | {t[1]:.1f} | {t[4]:.1f} | {t[1] / hf[1]:.2f}x / {t[4] / hf[4]:.2f}x |")
+    if args.profile:
+        profile({k: run[k] for k in ("reference", "transformers generate()")}, prompts[:1], osl)
     return {"engine": str(engine), "osl": osl, "tok_s": table}
+
+
+def profile(run: dict, prompts: list[list[int]], osl: int) -> None:
+    """Self CPU time of the top ops of each side, and the matmul share of its total."""
+    from torch.profiler import profile as torch_profile
+
+    for name, generate in run.items():
+        with torch_profile() as prof:
+            generate(prompts, osl)
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in ops)
+        top = ", ".join(f"{e.key} {e.self_cpu_time_total / 1e3:.0f} ms ({e.count})"
+                        for e in ops[:4])
+        print(f"profile {name}: total {total / 1e3:.0f} ms; {top}; aten::mm share "
+              f"{sum(e.self_cpu_time_total for e in ops if e.key == 'aten::mm') / total:.1%}")
 
 
 def main() -> None:
@@ -147,6 +166,7 @@ def main() -> None:
     ap.add_argument("--hunyuan-osl", type=int, default=32)
     ap.add_argument("--hunyuan-quant", choices=("rtn", "awq"), default="rtn")
     ap.add_argument("--onnx-accuracy-level", type=int, choices=(1, 4), default=4)
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     print(json.dumps({m: bench(m, args) for m in args.models}))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from click.testing import CliRunner
-from test_server import LiveServer, build_onnx_engine
+from test_server import LiveServer, build_served
 
 from trt_pipeline.bench import report as rep
 from trt_pipeline.bench.cli_commands import bench
@@ -18,8 +18,14 @@ from trt_pipeline.runner import Runner
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory):
-    return build_onnx_engine(tmp_path_factory.mktemp("bench"))
+def built(tmp_path_factory):
+    """(ONNX engine dir, converted checkpoint dir) of the default model."""
+    return build_served(tmp_path_factory.mktemp("bench"))
+
+
+@pytest.fixture(scope="module")
+def engine_dir(built):
+    return built[0]
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +135,15 @@ def test_cli_bench_writes_reports_and_compares(engine_dir, live, tmp_path):
     c = cli.invoke(bench, ["--compare", str(tmp_path / "a" / "report.json"),
                            str(tmp_path / "b" / "report.json")])
     assert c.exit_code == 0 and "# A vs B" in c.output and "in-process runner" in c.output
+
+
+def test_cli_bench_on_a_cached_checkpoint_runs_the_reference(built, tmp_path):
+    """A stage's checkpoint dir (its manifest is a stage's, not an engine's) is benchmarked on
+    the reference model and named by its cache key, the directory's name."""
+    checkpoint = built[1]
+    args = ["--isl", "8", "--osl", "3", "--requests", "2", "--warmup", "0"]
+    done = CliRunner().invoke(bench, [str(checkpoint), *args, "--out", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    meta = rep.load_json(tmp_path / "report.json").metadata
+    assert meta["runtime"] == "reference" and meta["backend"] == "reference"
+    assert meta["engine_key"] == checkpoint.name and len(meta["engine_hash"]) == 20

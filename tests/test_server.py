@@ -1,6 +1,8 @@
-"""The OpenAI-compatible server over real HTTP on 127.0.0.1, serving a real ONNX engine built from
-the default model: outputs equal the runner's greedy ones, streamed or not, alone or batched; bad
-requests get OpenAI-shaped 4xx errors; a client that hangs up mid-stream harms nobody."""
+"""The OpenAI-compatible server over real HTTP on 127.0.0.1, serving the default model through
+both CPU runtimes: a real ONNX engine built by the pipeline (ONNX Runtime) and the checkpoint the
+pipeline converted (the reference model). Outputs equal the runner's greedy ones, streamed or
+not, alone or batched; bad requests get OpenAI-shaped 4xx errors; a client that hangs up
+mid-stream harms nobody."""
 
 from __future__ import annotations
 
@@ -26,17 +28,18 @@ runner: {{max_new_tokens: 16}}
 """
 
 
-def build_onnx_engine(root: Path) -> Path:
-    """The default model through the real pipeline: convert, lower to ONNX, publish."""
+def build_served(root: Path) -> tuple[Path, Path]:
+    """(ONNX engine dir, converted checkpoint dir) of the default model, through the pipeline."""
     from trt_pipeline.cache import Cache
-    from trt_pipeline.executor import execute
+    from trt_pipeline.executor import execute, resolve
     from trt_pipeline.plan import make_plan
     from trt_pipeline.recipe.load import load_recipe
 
     recipe = root / "served-default.yaml"
     recipe.write_text(RECIPE.format(source=REPO / "trt_pipeline" / "data" / "default_model"))
-    return execute(make_plan(load_recipe(recipe)), Cache(root / "cache"),
-                   root / "engines").engine_dir
+    plan, cache = make_plan(load_recipe(recipe)), Cache(root / "cache")
+    engine = execute(plan, cache, root / "engines").engine_dir
+    return engine, {r.spec.stage: r.dir for r in resolve(plan, cache)}["convert"]
 
 
 class LiveServer:
@@ -66,15 +69,32 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory):
-    return build_onnx_engine(tmp_path_factory.mktemp("served"))
+def served(tmp_path_factory) -> tuple[Path, Path]:
+    return build_served(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="module", params=["onnxruntime", "reference"])
+def runtime(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def live(engine_dir):
+def engine_dir(runtime, served):
+    """What the server opens: the engine dir, or the checkpoint dir (run by the reference)."""
+    engine, checkpoint = served
+    path = engine if runtime == "onnxruntime" else checkpoint
+    assert Runner.open(path).info["runtime"] == runtime
+    return path
+
+
+@pytest.fixture(scope="module")
+def live(engine_dir, runtime):
     from trt_pipeline.server import create_app
 
-    server = LiveServer(create_app(engine_dir))
+    # a checkpoint dir has no recipe name: that server is told the engine's, so every test
+    # sends the same model id (the engine's comes from its manifest)
+    name = None if runtime == "onnxruntime" else "served-default"
+    server = LiveServer(create_app(engine_dir, model_name=name))
     yield server
     server.stop()
 

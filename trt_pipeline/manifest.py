@@ -111,6 +111,15 @@ def read_manifest(root: Path) -> Manifest | None:
         return None
 
 
+def is_engine_dir(path: Path) -> bool:
+    """An engine manifest says kind "engine"; a stage artifact's manifest (a cached checkpoint
+    dir) does not."""
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("kind") == "engine"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_engine_manifest(engine_dir: Path) -> EngineManifest:
     path = engine_dir / MANIFEST
     if not path.is_file():

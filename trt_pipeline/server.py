@@ -111,11 +111,12 @@ def _bad_input(exc: BadInput) -> ApiError:
 class _Engine:
     """What the routes share: the runner, its scheduler, the model id and sampling defaults."""
 
-    def __init__(self, engine_dir: Path, max_batch_size: int | None,
-                 batch_window_s: float) -> None:
+    def __init__(self, engine_dir: Path, max_batch_size: int | None, batch_window_s: float,
+                 model_name: str | None = None) -> None:
         self.runner = Runner.open(engine_dir)
         self.scheduler = BatchScheduler(self.runner, max_batch_size, batch_window_s)
-        self.model_id = str(self.runner.info.get("recipe") or Path(engine_dir).resolve().name)
+        self.model_id = model_name or str(self.runner.info.get("recipe")
+                                          or Path(engine_dir).resolve().name)
         self.defaults = sampling_params(engine_dir, {})
         self.created = int(time.time())
 
@@ -242,10 +243,11 @@ async def _collect(request: Request, events: AsyncIterator[TokenEvent]) -> list[
 
 
 def create_app(engine_dir: str | Path, max_batch_size: int | None = None,
-               batch_window_s: float = 0.0) -> FastAPI:
+               batch_window_s: float = 0.0, model_name: str | None = None) -> FastAPI:
     """The app for one engine dir; the scheduler thread runs while the app's lifespan does.
-    `max_batch_size` and `batch_window_s` are the scheduler's (scheduler.py)."""
-    engine = _Engine(Path(engine_dir), max_batch_size, batch_window_s)
+    `max_batch_size` and `batch_window_s` are the scheduler's (scheduler.py). The model id
+    clients send is `model_name`, else the engine's recipe name, else the directory's name."""
+    engine = _Engine(Path(engine_dir), max_batch_size, batch_window_s, model_name)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -346,12 +348,13 @@ async def _stream(head: dict[str, Any], events: AsyncIterator[TokenEvent], promp
 
 
 def serve(engine_dir: str | Path, host: str = "127.0.0.1", port: int = 8080,
-          max_batch_size: int | None = None, batch_window_s: float = 0.0) -> None:
+          max_batch_size: int | None = None, batch_window_s: float = 0.0,
+          model_name: str | None = None) -> None:
     """Run the server until interrupted. Access logs are off: stdout carries results only, and a
     log line per request would cost the benchmark it serves."""
     import uvicorn
 
     # Keep-alive longer than clients' own (httpx 5 s, aiohttp 15 s): a server closing an idle
     # connection as a client reuses it fails that request.
-    uvicorn.run(create_app(engine_dir, max_batch_size, batch_window_s), host=host, port=port,
-                access_log=False, log_level="info", timeout_keep_alive=75)
+    uvicorn.run(create_app(engine_dir, max_batch_size, batch_window_s, model_name), host=host,
+                port=port, access_log=False, log_level="info", timeout_keep_alive=75)

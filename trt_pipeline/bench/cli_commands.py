@@ -34,13 +34,17 @@ BENCH_DEFAULTS: dict[str, Any] = {"workload": "synthetic", "isl": 128, "osl": 64
               help="How long a request that finds the engine idle waits for others to share "
                    "its batch. Batching is static: with 0, closed-loop clients at concurrency "
                    "> 1 often start a batch alone and the rest wait for all of it.")
+@click.option("--served-model-name", default=None,
+              help="The model id clients send and /v1/models lists. Default: the engine's "
+                   "recipe name (a checkpoint dir: its directory name).")
 def serve(engine_dir: Path, host: str, port: int, max_batch_size: int | None,
-          batch_window_ms: float) -> None:
-    """Serve ENGINE_DIR over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/...)."""
+          batch_window_ms: float, served_model_name: str | None) -> None:
+    """Serve ENGINE_DIR over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/...).
+    ENGINE_DIR may also be a TensorRT-LLM checkpoint dir, run by the CPU reference model."""
     from ..server import serve as run_server
 
     click.echo(f"serving {engine_dir} at http://{host}:{port}/v1", err=True)
-    run_server(engine_dir, host, port, max_batch_size, batch_window_ms / 1e3)
+    run_server(engine_dir, host, port, max_batch_size, batch_window_ms / 1e3, served_model_name)
 
 
 def _levels(_: click.Context, __: click.Parameter, value: str | None) -> tuple[int, ...] | None:

@@ -42,7 +42,14 @@ import numpy as np
 from ..console import track
 from ..errors import BadInput, Problem
 from ..fsio import sha256_file
-from ..manifest import MANIFEST, host_name, now_iso, package_versions, read_engine_manifest
+from ..manifest import (
+    host_name,
+    is_engine_dir,
+    now_iso,
+    package_versions,
+    read_engine_manifest,
+    read_manifest,
+)
 from ..runner import Runner, SamplingParams, TokenEvent
 from ..scheduler import BatchScheduler
 from .metrics import RequestRecord
@@ -387,15 +394,20 @@ VERSIONED = ("trt-pipeline", "numpy", "torch", "transformers", "onnxruntime", "t
 
 def engine_facts(engine_dir: Path) -> dict[str, Any]:
     """Which engine was measured: recipe, backend, runtime, the final stage's key, and one hash
-    over every engine file's sha256 (from the manifest; a checkpoint dir is hashed here)."""
+    over every engine file's sha256 (from the manifest; a checkpoint dir, which the reference
+    model runs, from its stage manifest if it is a cached artifact, else hashed here)."""
     runtime = "reference"
-    if (engine_dir / MANIFEST).is_file():
+    if is_engine_dir(engine_dir):
         m = read_engine_manifest(engine_dir)
         files = [(f.path, f.sha256) for f in m.files]
         facts = {"engine": m.recipe, "backend": m.backend, "target_device": m.target,
                  "engine_key": m.stages[-1].key if m.stages else None,
                  "engine_versions": m.versions}
         runtime = str(m.runtime.get("kind"))
+    elif (stage := read_manifest(engine_dir)) is not None:
+        files = [(f.path, f.sha256) for f in stage.files]
+        facts = {"engine": engine_dir.name, "backend": "reference", "engine_key": stage.key,
+                 "engine_versions": stage.versions}
     else:
         files = [(p.relative_to(engine_dir).as_posix(), sha256_file(p))
                  for p in sorted(engine_dir.rglob("*")) if p.is_file()]

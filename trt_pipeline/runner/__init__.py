@@ -17,7 +17,7 @@ import numpy as np
 
 from ..backends import open_runtime
 from ..errors import BadInput, Problem
-from ..manifest import MANIFEST, read_engine_manifest
+from ..manifest import MANIFEST, is_engine_dir, read_engine_manifest
 from .sampling import SamplingParams, choose
 from .step import StepModel
 
@@ -47,8 +47,7 @@ class Runner:
         """An engine dir (its manifest says which runtime) or a TensorRT-LLM checkpoint dir
         (run by the CPU reference model)."""
         path = Path(path)
-        if (path / MANIFEST).is_file() and json.loads((path / MANIFEST).read_text()).get(
-                "kind") == "engine":
+        if is_engine_dir(path):
             manifest = read_engine_manifest(path)
             runtime, info = manifest.runtime, {"recipe": manifest.recipe,
                                                "backend": manifest.backend}
