@@ -65,6 +65,32 @@ def test_stop_string_and_length(default_ckpt):
     assert len(events) == 5 and events[-1].finish_reason == "length"
 
 
+def test_streamed_text_is_the_tokenizers_decode(default_ckpt):
+    """Joined, the events' texts are what the tokenizer decodes from prompt + output, past the
+    prompt's text (decoded a few tokens at a time, not whole each step)."""
+    runner = Runner.open(default_ckpt)
+    prompt = runner.encode("KING:\nO")
+    events = list(runner.generate([prompt], SamplingParams(max_new_tokens=200, ignore_eos=True)))
+    decode = runner.tokenizer.decode
+    out = [e.token_id for e in events]
+    assert "".join(e.text for e in events) == decode(prompt + out)[len(decode(prompt)):]
+
+
+def test_a_stop_string_across_tokens_is_never_sent_in_part(default_ckpt):
+    runner = Runner.open(default_ckpt)
+    prompt = runner.encode("ROMEO:")
+    free = list(runner.generate([prompt], SamplingParams(max_new_tokens=40, ignore_eos=True)))
+    text = "".join(e.text for e in free)
+    pieces = [runner.tokenizer.decode([e.token_id]) for e in free]
+    # a stop string made of the end of one token's text and the start of the next ones'
+    k = next(i for i in range(8, len(pieces)) if len(pieces[i]) > 1 and pieces[i + 1].strip())
+    stop = pieces[k][1:] + pieces[k + 1] + pieces[k + 2]
+    events = list(runner.generate([prompt], SamplingParams(max_new_tokens=40, ignore_eos=True,
+                                                           stop=(stop,))))
+    assert events[-1].finish_reason == "stop"
+    assert "".join(e.text for e in events) == text[:text.find(stop)]
+
+
 def test_chat_template_is_the_tokenizers(default_ckpt):
     runner = Runner.open(default_ckpt)
     ids = runner.encode("Who art thou?", chat=True)

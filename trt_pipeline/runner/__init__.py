@@ -18,6 +18,7 @@ import numpy as np
 from ..backends import open_runtime
 from ..errors import BadInput, Problem
 from ..manifest import MANIFEST, is_engine_dir, read_engine_manifest
+from .detok import IncrementalDecoder
 from .sampling import SamplingParams, choose
 from .step import StepModel
 
@@ -160,15 +161,20 @@ class Runner:
 
 
 class _Stream:
-    """One request's state: sampling RNG, generated ids, streamed text, stop checks."""
+    """One request's state: sampling RNG, generated ids, text, stop checks. While a stop string
+    could still complete, the text that could begin it is held back (as vLLM does), so a
+    stream never sends part of a stop string; joined, its events are the final text."""
 
     def __init__(self, runner: Runner, prompt: list[int], params: SamplingParams) -> None:
         self.runner, self.params = runner, params
         self.seen = list(prompt)
         self.out: list[int] = []
-        self.text = ""
+        self.text = ""  # the output's text so far (cut at a stop string)
+        self.sent = 0  # how much of it events carried
+        self.holdback = max((len(s) for s in params.stop), default=1) - 1
         self.done = False
         self.rng = np.random.default_rng(params.seed)
+        self.detok = IncrementalDecoder(runner.decode, prompt)
 
     def advance(self, logits: np.ndarray, request: int) -> TokenEvent:
         return self.accept(choose(logits, self.seen, self.params, self.rng), request)
@@ -180,18 +186,18 @@ class _Stream:
         reason = None
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.runner.eos_ids):
             reason = "stop"
-        full = self.runner.decode(self.out)
-        delta = "" if full.endswith("\ufffd") else full[len(self.text):]
-        for stop in p.stop:
-            cut = full.find(stop)
-            if stop and cut != -1:
-                delta, reason = full[len(self.text):cut], "stop"
-                full = full[:cut]
-                break
-        if delta:
-            self.text += delta
-        if reason is None and len(self.out) >= p.max_new_tokens:
+        elif len(self.out) >= p.max_new_tokens:
             reason = "length"
+        start = len(self.text)
+        self.text += self.detok.push(token, final=reason is not None)
+        # a stop string can only newly match where it overlaps the new text
+        cuts = [c for c in (self.text.find(s, max(0, start - len(s) + 1)) for s in p.stop if s)
+                if c != -1]
+        if cuts:
+            self.text, reason = self.text[:min(cuts)], "stop"
+        end = len(self.text) if reason is not None else len(self.text) - self.holdback
+        delta = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
         self.done = reason is not None
         return TokenEvent(request, token, delta, len(self.out) - 1, self.done, reason)
 
