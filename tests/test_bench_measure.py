@@ -124,8 +124,8 @@ def test_cli_bench_writes_reports_and_compares(engine_dir, live, tmp_path):
     args = ["--isl", "8", "--osl", "3", "--requests", "3", "--warmup", "1", "--concurrency", "1,2"]
     a = cli.invoke(bench, [str(engine_dir), *args, "--out", str(tmp_path / "a")])
     assert a.exit_code == 0, a.output
-    b = cli.invoke(bench, [str(engine_dir), "--endpoint", live.url, *args,
-                           "--out", str(tmp_path / "b")])
+    b = cli.invoke(bench, [str(engine_dir), "--endpoint", live.url, "--model", "served-default",
+                           *args, "--out", str(tmp_path / "b")])
     assert b.exit_code == 0, b.output
     for out in ("a", "b"):
         assert {p.name for p in (tmp_path / out).iterdir()} == {
@@ -147,3 +147,17 @@ def test_cli_bench_on_a_cached_checkpoint_runs_the_reference(built, tmp_path):
     meta = rep.load_json(tmp_path / "report.json").metadata
     assert meta["runtime"] == "reference" and meta["backend"] == "reference"
     assert meta["engine_key"] == checkpoint.name and len(meta["engine_hash"]) == 20
+
+
+def test_metadata_names_the_runtime_that_ran_and_the_recipe(engine_dir, tmp_path):
+    """An RTX engine benched on a CPU runs its ONNX fallback: the report says so."""
+    import hashlib
+    import json
+
+    runner = Runner.open(engine_dir)
+    runner.info["runtime"] = "stand-in"  # what a fallback runner reports
+    meta = sweep(runner, workload(2), [1], warmup=0).metadata
+    assert meta["runtime"] == "stand-in" and meta["built_for_runtime"] == "onnxruntime"
+    recipe = (engine_dir / "recipe.yaml").read_bytes()
+    assert meta["recipe_sha256"] == hashlib.sha256(recipe).hexdigest()
+    assert json.loads((engine_dir / "manifest.json").read_text())["recipe"] == meta["engine"]

@@ -288,6 +288,14 @@ def test_check_passes_a_fresh_engine(engine):
     assert json.loads(res.stdout)["ok"] is True
 
 
+def test_a_published_onnx_engine_loads_in_onnx_itself(engine):
+    """onnx refuses external data with several hard links; the publisher copies it."""
+    import onnx
+
+    onnx.checker.check_model(str(engine / "model.onnx"), full_check=True)
+    assert onnx.load(str(engine / "model.onnx")).graph.initializer
+
+
 def problems_of(engine_dir: Path) -> list[str]:
     return [f"{p.path}: {p.message}" for p in check_engine(engine_dir).problems]
 
@@ -316,6 +324,15 @@ def test_check_finds_missing_truncated_and_unlisted_files(copy):
     assert "tokenizer.json: missing" in text and "extra.py: not listed in the manifest" in text
     assert "bytes, manifest records" in text
     assert report.smoke is None and "do not match" in report.smoke_skipped
+
+
+def test_check_accepts_bench_reports_beside_the_engine(copy):
+    """`build --bench` writes reports into engine/bench/: not engine files, not a problem; a
+    stray file elsewhere still is."""
+    (copy / "bench").mkdir()
+    (copy / "bench" / "report.json").write_text("{}")
+    (copy / "benchmark.json").write_text("{}")
+    assert problems_of(copy) == ["manifest.files: benchmark.json: not listed in the manifest"]
 
 
 def test_check_finds_version_drift_and_names_the_rebuild(copy):

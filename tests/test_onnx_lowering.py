@@ -126,18 +126,26 @@ def test_left_padded_batch_matches_unpadded_rows(family, lowered):
     np.testing.assert_array_equal(tokens[1], greedy(model, b, 8)[0])
 
 
+@pytest.mark.parametrize("variant", ["float16", "int4_float16"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_float16_graph_agrees_with_float32_reference(family, lowered):
-    """Top-1 over the prompt and the reference's greedy continuation, fed as one sequence."""
-    ckpt, graph, _ = lowered(family, "float16")
+def test_float16_graph_agrees_with_float32_reference(family, variant, lowered):
+    """Top-1 over the prompt and the reference's greedy continuation, fed as one sequence; the
+    INT4 variant against the reference running the same (dequantized) INT4 checkpoint."""
+    ckpt, graph, _ = lowered(family, variant)
     ref = ReferenceModel.load(ckpt)
     prompt = _prompt()
     ids = torch.cat([prompt, reference_greedy(ref, prompt, 32)], 1)
     expected = ref.forward(ids).numpy()
     got = OnnxModel.load(graph).forward(ids)
-    assert np.abs(got[:, :17] - expected[:, :17]).max() <= FP16_MAX_ABS
-    agree = (got.argmax(-1) == expected.argmax(-1)).mean()
-    assert agree >= 0.99, f"{family}: top-1 agreement {agree:.3f}"
+    diff = np.abs(got - expected).max(-1)
+    assert diff[:, :17].max() <= FP16_MAX_ABS
+    same = got.argmax(-1) == expected.argmax(-1)
+    # where the reference's top two are closer than twice fp16's error there, rounding may
+    # order them either way; everywhere else the choice must be the same
+    top2 = np.sort(expected, -1)[..., -2:]
+    decisive = top2[..., 1] - top2[..., 0] > 2 * diff
+    assert same[decisive].all(), f"{family} {variant}: decisive positions differ"
+    assert same.mean() >= (0.99 if variant == "float16" else 0.97), same.mean()
 
 
 def _graph(graph_dir: Path) -> onnx.ModelProto:

@@ -102,9 +102,13 @@ def test_every_family_builds_an_sm86_engine(family, variant, engines):
     assert (out / ENGINE_FILE).stat().st_size == m["engine_bytes"] > 0
     expected = graph_weight_bytes(ckpt)
     assert abs(m["trt"]["weights_bytes"] / expected["total"] - 1) < 0.10, (m["trt"], expected)
-    # the graph the engine was built from travels with it, hard-linked
-    assert os.path.samefile(out / "onnx" / "model.onnx.data", out.parent / "onnx" /
-                            "model.onnx.data")
+    # the graph the engine was built from travels with it: the graph hard-linked, its external
+    # data copied (onnx refuses data files with several links) and loadable by onnx itself
+    assert os.path.samefile(out / "onnx" / "model.onnx", out.parent / "onnx" / "model.onnx")
+    data = out / "onnx" / "model.onnx.data"
+    assert data.stat().st_nlink == 1
+    assert data.read_bytes() == (out.parent / "onnx" / "model.onnx.data").read_bytes()
+    onnx.checker.check_model(str(out / "onnx" / "model.onnx"), full_check=True)
     rt = m["runtime"]
     assert rt == {**rt, "kind": "tensorrt_rtx", "engine": ENGINE_FILE, "sm": 86,
                   "version": trt.__version__, "max_batch_size": 2, "max_seq_len": 64,

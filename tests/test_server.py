@@ -223,6 +223,7 @@ def test_concurrent_streams_are_batched_and_match_single_greedy(client, runner, 
     (b'{"prompt": "x", "temprature": 0.5}', 400, "temprature"),
     (b'{"prompt": "x", "logprobs": 1}', 400, "logprobs"),
     (b'{"prompt": "x", "temperature": "hot"}', 400, "temperature"),
+    (b'{"prompt": "x", "seed": -1, "temperature": 1}', 400, "seed"),
 ])
 def test_bad_completion_requests_get_openai_errors(client, body, status, param):
     r = client.post("/v1/completions", content=body,
@@ -281,3 +282,32 @@ def test_batch_window_lets_late_arrivals_share_a_batch(runner):
             for _ in range(3):
                 assert finished.acquire(timeout=30)
             assert (scheduler.stats.batches == 1) is one_batch
+
+
+def test_unknown_routes_and_methods_get_openai_errors(client):
+    for r, status in ((client.post("/v1/embeddings", json={}), 404),
+                      (client.get("/v1/completions"), 405)):
+        assert r.status_code == status
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_text_without_a_tokenizer_is_a_400_not_a_crash(served, tmp_path):
+    """A checkpoint dir copied without its tokenizer: text prompts and chat are refused with
+    the reason; token ids still generate."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from trt_pipeline.server import create_app
+
+    bare = tmp_path / "bare"
+    shutil.copytree(served[1], bare, ignore=shutil.ignore_patterns("tokenizer*", "chat_*"))
+    with TestClient(create_app(bare, model_name="m")) as c:
+        text = c.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 2})
+        chat = c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        ids = c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2})
+    assert (text.status_code, text.json()["error"]["param"]) == (400, "prompt")
+    assert (chat.status_code, chat.json()["error"]["param"]) == (400, "messages")
+    assert "no tokenizer" in chat.json()["error"]["message"]
+    assert ids.status_code == 200 and ids.json()["usage"]["completion_tokens"] == 2

@@ -289,7 +289,8 @@ def _file_problems(engine_dir: Path, m: manifest.EngineManifest, fix: str) -> li
     listed = {f.path for f in m.files} | set(UNLISTED_OK)
     for p in sorted(engine_dir.rglob("*")):
         rel = p.relative_to(engine_dir).as_posix()
-        if (p.is_file() or p.is_symlink()) and rel not in listed:
+        if (p.is_file() or p.is_symlink()) and rel not in listed and not rel.startswith(
+                f"{manifest.REPORTS_DIR}/"):
             add(f"{rel}: not listed in the manifest")
     return out
 

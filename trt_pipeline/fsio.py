@@ -60,9 +60,18 @@ def fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+# ONNX external data (`model.onnx.data`): onnx's loader and checker refuse a data file with more
+# than one hard link ("potential hardlink attack", onnx >= 1.19), so it is always copied.
+NEVER_LINKED = (".onnx.data",)
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link when on the same file system (engines share bytes with the cache), else copy."""
+    """Hard-link when on the same file system (engines share bytes with the cache), else copy;
+    files named in NEVER_LINKED are copied."""
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.name.endswith(NEVER_LINKED):
+        shutil.copy2(src, dst)
+        return
     try:
         os.link(src, dst)
     except OSError:

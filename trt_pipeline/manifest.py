@@ -16,6 +16,7 @@ from .errors import BadInput, Problem
 from .fsio import sha256_file, write_text_atomic
 
 MANIFEST = "manifest.json"
+REPORTS_DIR = "bench"  # where `build --bench` writes reports inside an engine dir: not engine files
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe, saved beside every engine
 
 

@@ -38,6 +38,7 @@ class Ticket:
         self.sink = sink
         self.cancelled = False
         self.finished = False
+        self.failed = False
         self.arrived = time.monotonic()
 
     def cancel(self) -> None:
@@ -50,7 +51,8 @@ class SchedulerStats:
     """Counters for /health and tests: how much batching actually happened."""
 
     batches: int = 0
-    requests_done: int = 0
+    requests_done: int = 0  # answered to the end
+    requests_failed: int = 0  # ended by an error
     requests_cancelled: int = 0
     largest_batch: int = 0
     stopped_early: int = 0  # batches cut short because every unfinished request was cancelled
@@ -182,7 +184,10 @@ class BatchScheduler:
             finally:
                 with self._wake:
                     self._running = 0
-                    self._stats.requests_done += sum(t.finished and not t.cancelled for t in batch)
+                    self._stats.requests_done += sum(t.finished and not (t.cancelled or t.failed)
+                                                     for t in batch)
+                    self._stats.requests_failed += sum(t.failed and not t.cancelled
+                                                       for t in batch)
                     self._stats.requests_cancelled += sum(t.cancelled for t in batch)
         with self._wake:
             left, self._waiting = list(self._waiting), deque()
@@ -222,4 +227,4 @@ def _deliver(ticket: Ticket, item: TokenEvent | BaseException) -> None:
         log.exception("a request's sink failed; cancelling that request")
         ticket.cancel()
     if isinstance(item, BaseException):
-        ticket.finished = True
+        ticket.finished = ticket.failed = True

@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import BadInput, did_you_mean
 from .runner import Runner, SamplingParams, TokenEvent
@@ -60,7 +61,7 @@ class _Sampling(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: StrictInt | None = Field(None, ge=0, description="Extension; 0 = off.")
     repetition_penalty: float | None = Field(None, gt=0, description="Extension.")
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=0)
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -168,6 +169,17 @@ class _Engine:
         return ticket, queue
 
 
+def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and wrong methods in OpenAI's error shape, not FastAPI's {"detail"}."""
+    what = {404: f"no route {request.url.path}; this server has /v1/completions, "
+                 "/v1/chat/completions, /v1/models and /health",
+            405: f"{request.method} is not allowed on {request.url.path}"}.get(
+                exc.status_code, str(exc.detail))
+    response = ApiError(exc.status_code, what).response()
+    response.headers.update(exc.headers or {})
+    return response
+
+
 def _validation_message(exc: ValidationError, schema: type[BaseModel]) -> tuple[str, str | None]:
     parts, first = [], None
     for err in exc.errors():
@@ -260,6 +272,9 @@ def create_app(engine_dir: str | Path, max_batch_size: int | None = None,
     app = FastAPI(title="build-engine serve", lifespan=lifespan)
     app.state.engine = engine
     app.add_exception_handler(ApiError, lambda _, exc: exc.response())  # type: ignore[arg-type]
+    app.add_exception_handler(  # a request the engine cannot take (no tokenizer, no template)
+        BadInput, lambda _, exc: _bad_input(exc).response())  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(
         Exception, lambda _, exc: ApiError(500, f"internal error: {exc!r}").response())
 

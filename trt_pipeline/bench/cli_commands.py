@@ -67,6 +67,9 @@ def _levels(_: click.Context, __: click.Parameter, value: str | None) -> tuple[i
                    "it serves: tokenizer and metadata).")
 @click.option("--api", type=click.Choice(["completions", "chat"]), default="completions",
               show_default=True, help="With --endpoint: which API to drive.")
+@click.option("--model", default=None,
+              help="With --endpoint: the model id to send (default: the server's first "
+                   "/v1/models entry).")
 @click.option("--workload", default=None, help="synthetic, a trtllm-bench .jsonl, or a .txt.")
 @click.option("--isl", type=click.IntRange(1), default=None, help="Input tokens per request.")
 @click.option("--osl", type=click.IntRange(1), default=None, help="Output tokens (exact).")
@@ -82,7 +85,7 @@ def _levels(_: click.Context, __: click.Parameter, value: str | None) -> tuple[i
               help="Default: bench-results/<engine>/.")
 @click.option("--compare", nargs=2, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, metavar="A.json B.json", help="Compare two reports; runs nothing.")
-def bench(engine_dir: Path | None, endpoint: str | None, api: str,
+def bench(engine_dir: Path | None, endpoint: str | None, api: str, model: str | None,
           compare: tuple[Path, Path] | None, out_dir: Path | None, rate: float | None,
           max_batch_size: int | None, **given: Any) -> None:
     """Measure TTFT, ITL, E2E and throughput over a concurrency sweep; write report.json,
@@ -100,7 +103,7 @@ def bench(engine_dir: Path | None, endpoint: str | None, api: str,
         raise bad_input("ENGINE_DIR", "required (or --endpoint URL)",
                         "Pass an engine dir, --endpoint URL, or --compare A.json B.json.")
     markdown, paths = bench_engine(engine_dir, endpoint, api, given, rate, max_batch_size,
-                                   out_dir)
+                                   out_dir, model)
     click.echo(markdown)
     for p in paths:
         click.echo(str(p))
@@ -108,15 +111,15 @@ def bench(engine_dir: Path | None, endpoint: str | None, api: str,
 
 def bench_engine(engine_dir: Path | None, endpoint: str | None = None, api: str = "completions",
                  given: dict[str, Any] | None = None, rate: float | None = None,
-                 max_batch_size: int | None = None, out_dir: Path | None = None
-                 ) -> tuple[str, list[Path]]:
+                 max_batch_size: int | None = None, out_dir: Path | None = None,
+                 model: str | None = None) -> tuple[str, list[Path]]:
     """Run the sweep and write report.json, report.md and the plots; (markdown, paths).
     Also what `build-engine build --bench` runs on the engine it just published."""
     from . import report as rep
 
     opts = {**BENCH_DEFAULTS, **(_recipe_bench(engine_dir) if engine_dir else {}),
             **{k: v for k, v in (given or {}).items() if v is not None}}
-    report = _run(engine_dir, endpoint, api, opts, rate, max_batch_size)
+    report = _run(engine_dir, endpoint, api, opts, rate, max_batch_size, model)
     name = str(report.metadata.get("engine", "endpoint"))
     out_dir = out_dir or Path("bench-results") / name
     rep.write_json(report, out_dir / "report.json")
@@ -127,7 +130,7 @@ def bench_engine(engine_dir: Path | None, endpoint: str | None = None, api: str 
 
 
 def _run(engine_dir: Path | None, endpoint: str | None, api: str, opts: dict[str, Any],
-         rate: float | None, max_batch_size: int | None) -> Any:
+         rate: float | None, max_batch_size: int | None, model: str | None) -> Any:
     from ..runner import Runner
     from .measure import sweep
 
@@ -135,7 +138,7 @@ def _run(engine_dir: Path | None, endpoint: str | None, api: str, opts: dict[str
     requests = _workload(runner, opts)
     target: Any = endpoint or runner
     return sweep(target, requests, opts["concurrency"], opts["warmup"], rate, opts["seed"],
-                 api=api, max_batch_size=max_batch_size, engine_dir=engine_dir)
+                 api=api, model=model, max_batch_size=max_batch_size, engine_dir=engine_dir)
 
 
 def _workload(runner: Any, opts: dict[str, Any]) -> list[Any]:

@@ -43,6 +43,7 @@ from ..console import track
 from ..errors import BadInput, Problem
 from ..fsio import sha256_file
 from ..manifest import (
+    RECIPE_FILE,
     host_name,
     is_engine_dir,
     now_iso,
@@ -245,7 +246,7 @@ def _first_model(base: str) -> str:
             return str(json.loads(resp.read())["data"][0]["id"])
     except (OSError, KeyError, IndexError, ValueError) as exc:
         raise BadInput([Problem("endpoint", f"cannot list models at {base}/v1/models ({exc})",
-                                "Pass the model id.")]) from None
+                                "Pass the model id (--model).")]) from None
 
 
 class _HttpStatus(Exception):
@@ -370,15 +371,19 @@ def sweep(target: Runner | str, requests: Sequence[Request], levels: Sequence[in
         records = measure(target, requests, c, warmup, rate, seed, api=api, model=model,
                           timeout_s=timeout_s, max_batch_size=max_batch_size)
         out.append(BenchLevel.from_records(c, records))
+    facts = engine_facts(Path(engine_dir)) if engine_dir else {"engine": "unknown"}
     if isinstance(target, Runner):
-        engine_dir = target.info.get("path")
+        facts = engine_facts(Path(target.info["path"]))
+        if target.info["runtime"] != facts["runtime"]:  # e.g. an RTX engine's CPU fallback
+            facts["built_for_runtime"] = facts["runtime"]
+        facts["runtime"] = target.info["runtime"]  # what ran, not what the manifest names
     shared = sum(g == 0 for lv in out for r in lv.records for g in r.token_gaps_ms)
     metadata = {
         "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": now_iso(),
         "target": "in-process runner" if isinstance(target, Runner) else target,
         "api": "runner.generate" if isinstance(target, Runner) else f"{api}, streamed",
-        **(engine_facts(Path(engine_dir)) if engine_dir else {"engine": "unknown"}),
+        **facts,
         "workload": _workload_facts(requests, warmup, rate, seed),
         "tokens_sharing_a_chunk": shared,
         "versions": package_versions(VERSIONED),
@@ -413,6 +418,9 @@ def engine_facts(engine_dir: Path) -> dict[str, Any]:
                  for p in sorted(engine_dir.rglob("*")) if p.is_file()]
         facts = {"engine": engine_dir.name, "backend": "reference", "engine_key": None}
     digest = hashlib.sha256(json.dumps(files, separators=(",", ":")).encode()).hexdigest()
+    recipe = engine_dir / RECIPE_FILE
+    if recipe.is_file():  # the recipe as resolved at build time (extends and overrides applied)
+        facts["recipe_sha256"] = sha256_file(recipe)
     return {**facts, "runtime": runtime, "engine_dir": str(engine_dir),
             "engine_hash": digest[:20]}
 

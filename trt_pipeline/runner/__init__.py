@@ -65,21 +65,26 @@ class Runner:
 
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
         """Token ids of a prompt; with chat, the tokenizer's own chat template is applied."""
-        if self.tokenizer is None:
-            raise BadInput([Problem("prompt", "this engine dir has no tokenizer",
-                                    "Pass token ids instead of text.")])
         if not chat:
-            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise BadInput([Problem("--chat", "the tokenizer has no chat template", None)])
+            return list(self._tokenizer("prompt").encode(prompt, add_special_tokens=True))
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}]
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                       tokenize=True, return_dict=False))
+        return self.apply_chat(messages, "--chat")
 
-    def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                       tokenize=True, return_dict=False))
+    def apply_chat(self, messages: list[dict[str, str]], key: str = "messages") -> list[int]:
+        """Token ids of a conversation through the tokenizer's own chat template."""
+        tokenizer = self._tokenizer(key)
+        if not getattr(tokenizer, "chat_template", None):
+            raise BadInput([Problem(key, "the tokenizer has no chat template",
+                                    "Send a plain prompt instead.")])
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+
+    def _tokenizer(self, key: str) -> Any:
+        if self.tokenizer is None:
+            raise BadInput([Problem(key, "this engine dir has no tokenizer",
+                                    "Pass token ids instead of text.")])
+        return self.tokenizer
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True) if self.tokenizer else ""

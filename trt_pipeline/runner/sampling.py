@@ -28,6 +28,8 @@ class SamplingParams:
             raise ValueError("temperature >= 0, 0 < top_p <= 1 and top_k >= 0 are required")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError("seed must be >= 0 (or None)")
 
 
 def choose(logits: np.ndarray, seen: list[int], p: SamplingParams, rng: np.random.Generator
