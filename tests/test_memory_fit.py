@@ -125,14 +125,26 @@ def test_sequence_and_batch_suggestions_are_the_largest_that_fit():
     assert not hunyuan(q, batch=batch + 1, seq=32768).fits()
 
 
-def test_fp8_is_suggested_only_where_the_target_and_backend_have_it():
+def test_quantized_kv_cache_is_never_suggested():
+    """No stage writes a quantized KV cache (plan.py refuses build.kv_cache.dtype int8/fp8)."""
     big = dict(batch=64, inp=512, seq=32768)
-    for target, backend, want in (("rtx4090-24gb", "trtllm", True), ("rtx4090-24gb", "rtx", False),
-                                  ("rtx3090-24gb", "trtllm", False)):
+    for target, backend in (("rtx4090-24gb", "trtllm"), ("rtx4090-24gb", "rtx"),
+                            ("rtx3090-24gb", "trtllm")):
         t = TARGETS[target]
         e = hunyuan(None, target=t, **big)
         fix = fit_problems(e, t, backend=backend)[0].fix or ""
-        assert ("build.kv_cache.dtype=fp8" in fix) is want, (target, backend, fix)
+        assert "kv_cache" not in fix, (target, backend, fix)
+
+
+def test_per_channel_int4_is_one_scale_per_output_channel():
+    """group_size -1 (W4A16/W8A16 weight-only): a float16 scale per row, not per value."""
+    per_channel = estimate(desc("hunyuan-0.5b"), {"*": 4}, "float16", 1, 512, 4096, RTX3060,
+                           group_size=-1)
+    # Hunyuan-0.5B rows: 24 x (qkv 16x128 + 2x8x128 + dense 1024 + fc, gate 3584 + proj 1024) and
+    # the tied embedding's 120818 rows
+    rows = 24 * (4096 + 1024 + 3584 + 3584 + 1024) + 120_818
+    assert per_channel.breakdown["weights.quant_scales"] == rows * 2
+    assert per_channel.weights_bytes == (LINEARS + EMBED) // 2 + rows * 2 + NORMS * 2 + ROPE
 
 
 def test_bigger_target_for_rtx_is_never_sm90():

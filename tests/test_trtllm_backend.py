@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -253,6 +254,8 @@ def test_doctor_refuses_a_wrong_tensorrt_llm(tmp_path):
         "from trt_pipeline.backends import trtllm\n"
         "from trt_pipeline.errors import StageFailed\n"
         "print(trtllm.doctor().render())\n"
+        "from trt_pipeline.doctor import report\n"
+        "print('DOCTOR OK', report()[1])\n"
         "spec = trtllm.TrtllmBuildSpec(Path('c'), Path('e'), Path('e/t'), 'float16', None, None,"
         " False, 1, 8, 16, 16, 'auto', 'auto', 'auto', 'paged', 1, 86)\n"
         "try:\n    trtllm.run_build(spec, Path('log'))\n"
@@ -265,7 +268,17 @@ def test_doctor_refuses_a_wrong_tensorrt_llm(tmp_path):
     assert "tensorrt_llm: got 1.1.0; this pipeline pins 1.2.1" in out.stdout
     assert "pip install tensorrt-llm==1.2.1" in out.stdout and trtllm.NGC_IMAGE in out.stdout
     assert "REFUSED trtllm backend: the build cannot run here." in out.stdout
+    assert "DOCTOR OK False" in out.stdout  # `build-engine doctor` exits 1 in that container
     assert not (tmp_path / "log").exists()
+
+
+def test_doctor_refuses_a_driver_of_an_older_cuda_major(monkeypatch):
+    row = "0, NVIDIA GeForce RTX 3060, 8.6, 11000, 12288, 575.57.08"
+    monkeypatch.setattr(trtllm, "_nvidia_smi", lambda: (trtllm.parse_nvidia_smi(row), "", "12.9"))
+    monkeypatch.setattr(trtllm, "_trtllm_version", lambda: trtllm.TRTLLM_VERSION)
+    problems = {p.path: p.message for p in trtllm.doctor().problems}
+    assert "CUDA 12.9" in problems["driver CUDA"] and "13.1" in problems["driver CUDA"]
+    assert "driver" in problems  # 575 < R580 too
 
 
 def test_stage_refuses_before_splitting(tiny_ckpt, tmp_path):
@@ -433,6 +446,25 @@ def test_tp2_weight_only_split(family, algo, tiny_ckpt, tmp_path):
     split_checkpoint(src, out, 2)
     desc = ModelDesc.from_config(read_config(src))
     want = quantized_shapes(desc, rank_shapes_from_facts(desc, 2), algo, 0)
+    for r in range(2):
+        assert _rank_shapes(out, r) == want
+    _assert_roundtrip(src, out, tmp_path)
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_tp2_split_of_float_weights_under_weight_only(family, tiny_ckpt, tmp_path):
+    """What the quantize stage writes for trtllm per channel: float weights under a W4A16
+    config (trtllm-build quantizes them). They split as float: the float split's shapes."""
+    src = tmp_path / "wo-float"
+    shutil.copytree(tiny_ckpt[family], src)
+    cfg = read_config(src)
+    cfg["quantization"] = {**(cfg.get("quantization") or {}), "quant_algo": "W4A16",
+                           "group_size": -1, "exclude_modules": ["lm_head"]}
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "tp2"
+    split_checkpoint(src, out, 2)
+    assert read_config(out)["quantization"]["quant_algo"] == "W4A16"
+    want = rank_shapes_from_facts(ModelDesc.from_config(read_config(tiny_ckpt[family])), 2)
     for r in range(2):
         assert _rank_shapes(out, r) == want
     _assert_roundtrip(src, out, tmp_path)

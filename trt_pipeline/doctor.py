@@ -14,7 +14,8 @@ def _version(dist: str) -> str:
 
 def report() -> tuple[str, bool]:
     """(text, ok): ok means nothing a recipe here could ask for is broken. The trtllm backend is
-    expected to be absent outside its container, so its problems are listed but do not fail."""
+    expected to be absent outside its container, so its problems are listed but fail only where
+    tensorrt_llm is installed (a wrong version or driver there breaks every trtllm recipe)."""
     from .backends.rtx.engine import find_gpu, installed
     from .backends.trtllm import doctor as trtllm_doctor
 
@@ -34,6 +35,8 @@ def report() -> tuple[str, bool]:
                  if gpu else "no GPU: builds engines; ONNX Runtime runs their graph")
         lines.append(f"rtx backend: tensorrt_rtx {version}, builds sm{', sm'.join(map(str, sms))};"
                      f" {where}")
-    lines.append(trtllm_doctor().render())
-    ok = ort != "absent" and version is not None
+    trtllm = trtllm_doctor()
+    lines.append(trtllm.render())
+    ok = ort != "absent" and version is not None and (
+        trtllm.ok or trtllm.versions["tensorrt_llm"] == "absent")
     return "\n".join(lines), ok

@@ -16,6 +16,19 @@ The model is the lowered ONNX graph as TensorRT for RTX runs it (backends/onnx/l
   engine's own int32 copies of it.
 - overhead: `OVERHEAD_BYTES`, a constant for the CUDA context and the TensorRT runtime (none on
   the `cpu` target, where ONNX Runtime runs the same graph in host memory).
+
+A TensorRT-LLM engine (backend trtllm) is costed apart, per GPU of tp_size x pp_size
+(facts/trtllm.md §4, §5, §7):
+- weights: the same tensors, split evenly over the GPUs, except the vocab embedding, which every
+  tensor-parallel rank holds whole (use_parallel_embedding false); a tied head is stored apart
+  at tp > 1, split on vocab.
+- KV cache: one paged pool (no past/present copies): layers / pp x ceil(kv_heads / tp) (K/V
+  heads duplicated when fewer than tp).
+- activations, sized by max_num_tokens (remove_input_padding packs a step's tokens; "activation
+  memory scales with it"): (residual + normed hidden + the widest intermediate / tp) per token,
+  the MoE plugin's permuted top_k copies instead of every expert; no attention scores (context
+  FMHA) and no mask; logits of the last token per sequence only (gather_context_logits off), in
+  the engine dtype and as float32 (logits_dtype).
 """
 
 from __future__ import annotations
@@ -57,27 +70,41 @@ class FitRequest:
     max_input_len: int
     max_seq_len: int
     target: Target
-    group_size: int = 128  # for a weight_bits mapping; a QuantDesc has its own
+    group_size: int = 128  # for a weight_bits mapping (-1: per output channel); a QuantDesc's own
+    backend: str = "rtx"  # trtllm has a memory model of its own (module doc)
+    max_num_tokens: int | None = None  # trtllm; None: default_max_num_tokens
+    tp_size: int = 1
+    pp_size: int = 1
+
+    @property
+    def gpus(self) -> int:
+        return self.tp_size * self.pp_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.max_num_tokens or default_max_num_tokens(self.max_batch_size,
+                                                             self.max_input_len)
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    weights_bytes: int
-    kv_cache_bytes: int  # one copy; the total counts KV_COPIES
+    weights_bytes: int  # per GPU, as are the other figures
+    kv_cache_bytes: int  # one copy; the total counts kv_copies
     activations_bytes: int
     overhead_bytes: int
     breakdown: dict[str, int] = field(compare=False)
     request: FitRequest = field(compare=False)
+    kv_copies: int = KV_COPIES  # 1 for trtllm's paged pool
 
     @property
     def total_bytes(self) -> int:
-        return (self.weights_bytes + KV_COPIES * self.kv_cache_bytes + self.activations_bytes
-                + self.overhead_bytes)
+        return (self.weights_bytes + self.kv_copies * self.kv_cache_bytes
+                + self.activations_bytes + self.overhead_bytes)
 
     def as_dict(self) -> dict[str, int]:
         """The figures as recorded in an engine manifest."""
         return {"weights_bytes": self.weights_bytes, "kv_cache_bytes": self.kv_cache_bytes,
-                "kv_copies": KV_COPIES, "activations_bytes": self.activations_bytes,
+                "kv_copies": self.kv_copies, "activations_bytes": self.activations_bytes,
                 "overhead_bytes": self.overhead_bytes, "total_bytes": self.total_bytes}
 
     def fits(self, target: Target | None = None, margin: float = SAFETY_MARGIN) -> bool:
@@ -97,18 +124,28 @@ def usable_bytes(target: Target, margin: float = SAFETY_MARGIN) -> int:
     return int(target.vram_gib * GiB * (1 - margin))
 
 
+def default_max_num_tokens(max_batch_size: int, max_input_len: int) -> int:
+    """build.max_num_tokens when the recipe leaves it unset (never trtllm-build's 8192)."""
+    return min(2048, max_batch_size * max_input_len)
+
+
 def estimate(desc: ModelDesc, weight_bits: QuantDesc | Mapping[str, int] | None, dtype: str,
              max_batch_size: int, max_input_len: int, max_seq_len: int, target: Target,
-             group_size: int = 128) -> MemoryEstimate:
-    """Bytes the engine of `desc` needs on `target` (module doc). `weight_bits`: a QuantDesc
-    (None: the checkpoint's own), or fnmatch patterns over module names -> bits, first match
-    wins, e.g. {"lm_head": 16, "*": 4}; >= 16 means float at `dtype`."""
+             group_size: int = 128, *, backend: str = "rtx", max_num_tokens: int | None = None,
+             tp_size: int = 1, pp_size: int = 1) -> MemoryEstimate:
+    """Bytes the engine of `desc` needs on `target` (module doc), per GPU. `weight_bits`: a
+    QuantDesc (None: the checkpoint's own), or fnmatch patterns over module names -> bits, first
+    match wins, e.g. {"lm_head": 16, "*": 4}; >= 16 means float at `dtype`. `group_size` -1:
+    one scale per output channel. max_num_tokens, tp_size and pp_size count for trtllm only."""
     req = FitRequest(desc, desc.quant if weight_bits is None else weight_bits, dtype,
-                     max_batch_size, max_input_len, max_seq_len, target, group_size)
+                     max_batch_size, max_input_len, max_seq_len, target, group_size, backend,
+                     max_num_tokens, tp_size, pp_size)
     return _estimate(req)
 
 
 def _estimate(req: FitRequest) -> MemoryEstimate:
+    if req.backend == "trtllm":
+        return _estimate_trtllm(req)
     d, el = req.desc, DTYPE_BYTES[req.dtype]
     weights = _weights(req)
     b, s, t = req.max_batch_size, req.max_input_len, req.max_seq_len
@@ -123,6 +160,33 @@ def _estimate(req: FitRequest) -> MemoryEstimate:
     overhead = 0 if req.target.kind == "cpu" else OVERHEAD_BYTES  # host memory, no CUDA
     return MemoryEstimate(sum(weights.values()), kv, sum(acts.values()), overhead, breakdown,
                           req)
+
+
+def _estimate_trtllm(req: FitRequest) -> MemoryEstimate:
+    """Per GPU of a TensorRT-LLM engine (module doc)."""
+    d, el, tp = req.desc, DTYPE_BYTES[req.dtype], req.tp_size
+    weights = {k: v if k == "embedding" else -(-v // req.gpus) for k, v in _weights(req).items()}
+    if d.tie_word_embeddings and tp > 1:  # checkpoint/shard.py writes the head apart
+        weights["lm_head"] += -(-d.vocab_size // tp) * d.hidden_size * el
+    layers, kv_heads = -(-d.num_layers // req.pp_size), -(-d.num_kv_heads // tp)
+    kv = 2 * layers * kv_heads * d.head_size * req.max_seq_len * req.max_batch_size * el
+    acts = {"hidden": req.num_tokens * (2 * d.hidden_size + _widest_trtllm(d, tp)) * el,
+            "logits": req.max_batch_size * d.vocab_size * (el + 4)}
+    breakdown = {**{f"weights.{k}": v for k, v in weights.items()},
+                 **{f"activations.{k}": v for k, v in acts.items()}}
+    return MemoryEstimate(sum(weights.values()), kv, sum(acts.values()), OVERHEAD_BYTES,
+                          breakdown, req, kv_copies=1)
+
+
+def _widest_trtllm(d: ModelDesc, tp: int) -> int:
+    """Per-token values beside the hidden state on one tensor-parallel rank; the MoE plugin
+    permutes each token to its top_k experts only."""
+    attn = (d.q_size + 2 * d.kv_size) // tp
+    if d.moe is None:
+        return max(attn, 3 * d.intermediate_size // tp)
+    m = d.moe
+    return max(attn, m.top_k * (2 * d.hidden_size + 3 * m.intermediate_size // tp)
+               + 3 * m.shared_intermediate_size // tp)
 
 
 def _widest(d: ModelDesc) -> int:
@@ -174,7 +238,7 @@ def _matrix(req: FitRequest, module: str, rows: int, cols: int) -> tuple[int, in
         return rows * cols * el, 0
     wb = req.weight_bits
     group = (wb.group_size if wb.per_group else cols) if isinstance(wb, QuantDesc) \
-        else req.group_size
+        else (cols if req.group_size == -1 else req.group_size)
     return rows * cols * bits // 8, rows * (cols // group) * el
 
 
@@ -182,7 +246,7 @@ def compare(est: MemoryEstimate, trt: Mapping[str, Any]) -> dict[str, dict[str, 
     """The estimate beside TensorRT's build figures (build metrics["trt"]). TensorRT's activation
     memory excludes the engine's I/O (logits output, mask, KV), so it is compared with the
     estimate's internal part."""
-    internal = est.activations_bytes - sum(est.breakdown[f"activations.{k}"]
+    internal = est.activations_bytes - sum(est.breakdown.get(f"activations.{k}", 0)
                                            for k in ("logits_output", "mask"))
     out = {}
     for name, mine, key in (("weights", est.weights_bytes, "weights_bytes"),
@@ -196,27 +260,38 @@ def compare(est: MemoryEstimate, trt: Mapping[str, Any]) -> dict[str, dict[str, 
 
 def suggestions(est: MemoryEstimate, target: Target, quantize_method: str = "none",
                 backend: str = "rtx", margin: float = SAFETY_MARGIN) -> list[Suggestion]:
-    """One-knob changes that lower the total, largest effect first, then a bigger target."""
+    """One-knob changes that lower the total, largest effect first, then a bigger target. No
+    quantized KV cache: no stage writes one (quant/quantize.py; plan.py refuses it)."""
     req, limit = est.request, usable_bytes(target, margin)
     out: list[Suggestion] = []
-    awq = QuantDesc(algo="W4A16_AWQ", group_size=128, exclude_modules=("lm_head",))
-    if quantize_method == "none" and "int4" in target.precisions:
-        e = _estimate(replace(req, weight_bits=awq))
-        out.append(_suggest("quantize.method=awq", "INT4 weights (W4A16 g128, lm_head float)", e,
-                            limit))
+    int4 = _int4(req, backend) if quantize_method == "none" else None
+    if int4 and "int4" in target.precisions:
+        e = _estimate(replace(req, weight_bits=int4[2]))
+        out.append(_suggest(int4[0], int4[1], e, limit))
     # the largest value that fits; else the floor, to show how far the knob goes
     for knob, floor in (("max_seq_len", req.max_input_len), ("max_batch_size", 1)):
         value = _largest_fitting(req, knob, 1, limit) or floor
         if value < getattr(req, knob):
-            e = _estimate(_with(req, knob, value))
-            out.append(_suggest(f"build.{knob}={value}", f"from {getattr(req, knob)}", e, limit))
-    if backend == "trtllm" and "fp8" in target.precisions:
-        e = replace(est, kv_cache_bytes=est.kv_cache_bytes // 2)
-        out.append(_suggest("build.kv_cache.dtype=fp8", "FP8 KV cache", e, limit))
+            changed = _with(req, knob, value)
+            setting = f"build.{knob}={value}"
+            if changed.max_input_len < req.max_input_len:  # else validation refuses the recipe
+                setting += f" build.max_input_len={changed.max_input_len}"
+            out.append(_suggest(setting, f"from {getattr(req, knob)}", _estimate(changed),
+                                limit))
     out.sort(key=lambda s: s.total_bytes)
-    bigger = _bigger_target(est, target, backend, margin, awq if quantize_method == "none"
-                            else None)
+    bigger = _bigger_target(est, target, backend, margin, int4)
     return out + ([bigger] if bigger else [])
+
+
+def _int4(req: FitRequest, backend: str) -> tuple[str, str, QuantDesc]:
+    """The INT4 change to suggest for a float model: AWQ g128, except for MoE on trtllm, where
+    plan.py refuses awq and per-channel weight-only (W4A16, MoE plugin) is the supported way."""
+    if backend == "trtllm" and req.desc.moe is not None:
+        return ("quantize.method=rtn quantize.group_size=-1",
+                "INT4 weight-only per channel (W4A16, lm_head float)",
+                QuantDesc(algo="W4A16", exclude_modules=("lm_head",)))
+    return ("quantize.method=awq", "INT4 weights (W4A16 g128, lm_head float)",
+            QuantDesc(algo="W4A16_AWQ", group_size=128, exclude_modules=("lm_head",)))
 
 
 def _suggest(setting: str, effect: str, e: MemoryEstimate, limit: int) -> Suggestion:
@@ -243,19 +318,23 @@ def _largest_fitting(req: FitRequest, knob: str, lo: int, limit: int) -> int | N
 
 
 def _bigger_target(est: MemoryEstimate, target: Target, backend: str, margin: float,
-                   awq: QuantDesc | None) -> Suggestion | None:
-    """The smallest target that fits as is, else with INT4 weights (`awq`)."""
-    pool = sorted((t for t in TARGETS.values() if t.kind != "cpu" and t.vram_gib > target.vram_gib
-                   and (backend != "rtx" or t.sm in RTX_SMS)),
-                  key=lambda t: (t.kind != target.kind, t.vram_gib, -t.bandwidth_gbs))
-    for wb, note in ((None, ""), (awq, " with quantize.method=awq")):
-        e = est if wb is None else _estimate(replace(est.request, weight_bits=wb))
-        for t in pool:
-            if (wb is None or "int4" in t.precisions) and e.total_bytes <= usable_bytes(t, margin):
-                return Suggestion(f"build.target={t.name}{note}", f"{t.vram_gib:g} GiB, sm{t.sm}",
-                                  e.total_bytes, True)
-        if awq is None:
-            break
+                   int4: tuple[str, str, QuantDesc] | None) -> Suggestion | None:
+    """The smallest GeForce card that fits as is, else with INT4 weights (`int4`); then the
+    same among data-centre GPUs (never for rtx, which builds for GeForce cards only)."""
+    changes = [None, int4] if int4 else [None]
+    totals = [est.total_bytes if c is None
+              else _estimate(replace(est.request, weight_bits=c[2])).total_bytes for c in changes]
+    pool = [t for t in TARGETS.values() if t.kind != "cpu" and t.vram_gib > target.vram_gib
+            and (backend != "rtx" or (t.kind == "geforce" and t.sm in RTX_SMS))]
+    ranked = sorted(((t, i) for t in pool for i in range(len(changes))),
+                    key=lambda ti: (ti[0].kind != "geforce", ti[1], ti[0].vram_gib,
+                                    -ti[0].bandwidth_gbs))
+    for t, i in ranked:
+        change = changes[i]
+        if (change is None or "int4" in t.precisions) and totals[i] <= usable_bytes(t, margin):
+            note = "" if change is None else f" with {change[0]}"
+            return Suggestion(f"build.target={t.name}{note}", f"{t.vram_gib:g} GiB, sm{t.sm}",
+                              totals[i], True)
     return None
 
 
@@ -267,11 +346,15 @@ def fit_problems(est: MemoryEstimate, target: Target, quantize_method: str = "no
     if est.total_bytes <= limit:
         return []
     r = est.request
-    parts = (f"weights {est.weights_bytes / GiB:.2f}, KV cache {KV_COPIES} x "
+    parts = (f"weights {est.weights_bytes / GiB:.2f}, KV cache {est.kv_copies} x "
              f"{est.kv_cache_bytes / GiB:.2f}, activations {est.activations_bytes / GiB:.2f}, "
              f"overhead {est.overhead_bytes / GiB:.2f}")
-    msg = (f"{r.desc.architecture} ({r.dtype}, batch {r.max_batch_size}, input "
-           f"{r.max_input_len}, seq {r.max_seq_len}) needs {est.total_bytes / GiB:.2f} GiB "
+    shape = f"batch {r.max_batch_size}, input {r.max_input_len}, seq {r.max_seq_len}"
+    if r.backend == "trtllm":
+        shape += f", {r.num_tokens} tokens"
+    per_gpu = f" per GPU of {r.tp_size} x {r.pp_size} (tp x pp)" if r.gpus > 1 else ""
+    msg = (f"{r.desc.architecture} ({r.dtype}, {shape}) needs {est.total_bytes / GiB:.2f} GiB"
+           f"{per_gpu} "
            f"({parts}); {target.name} has {limit / GiB:.2f} GiB usable ({target.vram_gib:g} GiB "
            f"less a {margin:.0%} margin): {(est.total_bytes - limit) / GiB:.2f} GiB over")
     ranked = suggestions(est, target, quantize_method, backend, margin)

@@ -69,11 +69,12 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     problems = model_rules(loaded, family, desc)
     estimate = None
     if target.kind != "cpu":
+        b = r.build
         estimate = memory_fit.estimate(engine_desc(desc, r.quantize), weight_bits(r.quantize),
-                                       engine_dtype(loaded),
-                                       r.build.max_batch_size, r.build.max_input_len,
-                                       r.build.max_seq_len, target,
-                                       group_size=max(r.quantize.group_size, 1))
+                                       engine_dtype(loaded), b.max_batch_size, b.max_input_len,
+                                       b.max_seq_len, target, group_size=r.quantize.group_size,
+                                       backend=b.backend, max_num_tokens=b.max_num_tokens,
+                                       tp_size=b.tp_size, pp_size=b.pp_size)
         problems += [_locate(p, loaded) for p in memory_fit.fit_problems(
             estimate, target, r.quantize.method, r.build.backend)]
     if problems:
@@ -156,10 +157,15 @@ def model_rules(loaded: LoadedRecipe, family: Family, desc: ModelDesc) -> list[P
         add("build.max_seq_len", f"got {b.max_seq_len}; the model supports "
             f"{desc.max_position_embeddings} positions (max_position_embeddings)",
             f"Set build.max_seq_len<={desc.max_position_embeddings}.")
-    if b.backend in ("onnx", "rtx") and b.kv_cache.dtype not in ("auto", "float16"):
-        add("build.kv_cache.dtype", f"{b.kv_cache.dtype} KV cache is built by the trtllm "
-            "backend only; onnx and rtx keep it in the activation dtype",
-            "Set build.kv_cache.dtype=auto.")
+    if b.kv_cache.dtype in ("int8", "fp8"):
+        # No stage writes kv_cache_quant_algo (quant/quantize.py), so build_trtllm would refuse
+        # it only after convert and quantize ran: refused here, before anything runs.
+        kv = b.kv_cache.dtype
+        why = (f"onnx and rtx keep the KV cache in the activation dtype ({kv} would be for the "
+               "trtllm backend only), and " if b.backend != "trtllm" else "")
+        add("build.kv_cache.dtype", f"got {kv}; {why}a quantized KV cache is not implemented: "
+            "no stage writes kv_cache_quant_algo (supported: auto, the activation dtype; "
+            "float16 with a float16 model)", "Set build.kv_cache.dtype=auto.")
     if q.method != "none":
         out += _quantize_rules(loaded, desc)
     if q.method != "none" and q.group_size != -1:
@@ -261,7 +267,8 @@ def engine_dtype(loaded: LoadedRecipe) -> str:
 
 def max_num_tokens(loaded: LoadedRecipe) -> int:
     b = loaded.recipe.build
-    return b.max_num_tokens or min(2048, b.max_batch_size * b.max_input_len)
+    return b.max_num_tokens or memory_fit.default_max_num_tokens(b.max_batch_size,
+                                                                  b.max_input_len)
 
 
 def _locate(p: Problem, loaded: LoadedRecipe) -> Problem:

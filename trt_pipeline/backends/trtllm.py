@@ -218,6 +218,11 @@ def doctor() -> DoctorReport:
         problems.append(Problem("tensorrt", f"got {versions['tensorrt']}; tensorrt_llm "
                                 f"{TRTLLM_VERSION} is built against TensorRT {TENSORRT_VERSION}",
                                 f'pip install "tensorrt~={TENSORRT_VERSION}", or use {NGC_IMAGE}.'))
+    if driver_cuda and int(driver_cuda.split(".")[0]) < int(CUDA_VERSION.split(".")[0]):
+        problems.append(Problem("driver CUDA", f"the driver supports CUDA {driver_cuda}; "
+                                f"tensorrt_llm {TRTLLM_VERSION} is a CUDA {CUDA_VERSION} build "
+                                "(minor versions of one major are compatible, majors are not)",
+                                f"Install an NVIDIA driver >= {MIN_DRIVER_MAJOR}."))
     if smi_error:
         problems.append(Problem("gpu", f"no NVIDIA GPU visible ({smi_error}); trtllm-build "
                                 "builds for the GPU it runs on", "Run on a machine with the "

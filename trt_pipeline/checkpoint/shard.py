@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInput, Problem
-from .desc import ModelDesc
+from .desc import ModelDesc, QuantDesc
 from .io import (
     CONFIG,
     Checkpoint,
@@ -80,8 +80,9 @@ def split_checkpoint(src_dir: Path, out_dir: Path, tp_size: int, pp_size: int = 
                                 "Split the tp=1 checkpoint, or merge this one first.",
                                 str(src_dir))])
     out_cfg = with_mapping(cfg, tp_size, pp_size, str(src_dir))
-    ranks = plan_ranks(ModelDesc.from_config(cfg), tp_size, pp_size, str(src_dir))
     src = Checkpoint(src_dir)
+    ranks = plan_ranks(as_stored(ModelDesc.from_config(cfg), src), tp_size, pp_size,
+                       str(src_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     for r, pieces in enumerate(ranks):
         with StreamWriter(out_dir / rank_file(r), {p.name: p.spec for p in pieces}) as writer:
@@ -103,7 +104,8 @@ def merge_ranks(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     ckpt_dir = Path(ckpt_dir)
     cfg = read_config(ckpt_dir)
     m = cfg.get("mapping") or {}
-    desc = ModelDesc.from_config(with_mapping(cfg, 1, 1, str(ckpt_dir)))
+    desc = as_stored(ModelDesc.from_config(with_mapping(cfg, 1, 1, str(ckpt_dir))),
+                     Checkpoint(ckpt_dir, 0))
     specs = expected_tensors(desc)
     ranks = plan_ranks(desc, m.get("tp_size", 1), m.get("pp_size", 1), str(ckpt_dir))
     length: dict[str, int] = {}
@@ -130,7 +132,8 @@ def merge_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     cfg = with_mapping(read_config(ckpt_dir), 1, 1, str(ckpt_dir))
     tensors = merge_ranks(ckpt_dir)
-    specs = expected_tensors(ModelDesc.from_config(cfg))
+    specs = {name: TensorSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+             for name, t in tensors.items()}
     with StreamWriter(out_dir / rank_file(0), specs) as writer:
         for name in specs:
             writer.write(name, tensors.pop(name))
@@ -162,6 +165,18 @@ def with_mapping(cfg: dict[str, Any], tp_size: int, pp_size: int, where: str) ->
     mapping.update(world_size=tp_size * pp_size, tp_size=tp_size, pp_size=pp_size,
                    moe_tp_size=tp_size, moe_ep_size=1, attn_tp_size=tp_size)
     return {**json.loads(json.dumps(cfg)), "mapping": mapping}
+
+
+def as_stored(desc: ModelDesc, ckpt: Checkpoint) -> ModelDesc:
+    """The desc whose tensors `ckpt` holds. Per-channel weight-only checkpoints for trtllm-build
+    keep float weights under their W8A16/W4A16 quant_algo (trtllm-build quantizes them itself;
+    stages/quantize.py): those split, and merge, as float."""
+    if desc.quant.algo not in ("W8A16", "W4A16"):
+        return desc
+    first = next((lin for lin in desc.linears() if desc.quant.quantized(lin.name)), None)
+    if first is None or not ckpt.get(f"{first.name}.weight").is_floating_point():
+        return desc
+    return replace(desc, quant=QuantDesc())
 
 
 def plan_ranks(desc: ModelDesc, tp: int, pp: int, where: str) -> list[list[Piece]]:
