@@ -108,7 +108,28 @@ def assert_refused(run, recipe: Path, exp: dict, timeout: float = 60) -> None:
             assert re.search(rf"(^|\s){re.escape(exp['key'])}: ", err), err
         assert exp["message"] in err, err
         assert exp.get("at", "") in err, err
+        assert_located(err, args)
     assert not cache.exists() and not engines.exists(), "bad input wrote something"
+
+
+# `  <file>:<line>  <key.path>: ...` or `  override <text>  <key.path>: ...`, one per problem
+LOCATED = re.compile(r"^  (?:override (?P<override>.+?)|(?P<file>/\S+?):(?P<line>\d+))  "
+                     r"(?:(?P<key>[\w.]+): )?", re.M)
+
+
+def assert_located(err: str, args: list[str]) -> None:
+    """Every location a problem gives is right, independently of the oracle: the line named holds
+    the key's last name (list indexes skipped), or the override named is one that was passed."""
+    for m in LOCATED.finditer(err):
+        if m["override"]:
+            assert m["override"] in args, (m[0], args)
+            continue
+        lines = Path(m["file"]).read_text(errors="replace").splitlines()
+        n = int(m["line"])
+        assert 1 <= n <= max(len(lines), 1), (m[0], len(lines))
+        names = [k for k in (m["key"] or "").split(".") if k and not k.isdigit()]
+        if names:
+            assert names[-1] in lines[n - 1], f"{m[0]!r}: line {n} is {lines[n - 1]!r}"
 
 
 def corpus() -> list:
@@ -126,6 +147,32 @@ def test_bad_recipe(name, exp, tmp_path, zygote):
     (tmp_path / "cwd").mkdir()
     assert_refused(lambda args, t: zygote.run(args, tmp_path / "cwd", t), BAD / name, exp,
                    timeout=10 if exp.get("slow") else 120)
+
+
+def test_the_location_check_catches_a_wrong_line():
+    recipe = BAD / "cross_with_type_error.yaml"
+    assert_located(f"  {recipe}:7  build.max_input_len: got 4096", [])
+    assert_located("  override ~build.backend  build.backend: required key is missing", [
+        "validate", str(recipe), "~build.backend"])
+    with pytest.raises(AssertionError):
+        assert_located(f"  {recipe}:6  build.max_input_len: got 4096", [])
+    with pytest.raises(AssertionError):
+        assert_located("  override ~build.backend  build.backend: missing", ["validate"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("quantize.calib.nonexist.deep=1", "quantize.calib.nonexist"),
+    ("build.plugins.moe.x=1", "build.plugins.moe"),
+    ("~build.backend", "build.backend"),
+])
+def test_override_errors_are_located_at_the_override(override, key, tmp_path, zygote):
+    (tmp_path / "cwd").mkdir()
+    recipe = write_recipe(tmp_path / "r.yaml", BASE + "quantize:\n  calib: {samples: 4}\n")
+    args = ["validate", str(recipe), override]
+    code, out, err = zygote.run(args, tmp_path / "cwd", 60)
+    assert code == 2 and "Traceback" not in out + err, err
+    assert f"  override {override}  {key}: " in err, err
+    assert_located(err, args)
 
 
 BASE = f"name: bad\nmodel: {{source: {DEFAULT_MODEL}}}\nbuild: {{backend: rtx}}\n"

@@ -194,3 +194,37 @@ def test_two_builds_of_one_recipe_at_once(recipe):
     entries = Cache().entries()
     assert sorted(e.stage for e in entries) == ["convert", "lower", "verify"]
     assert read_engine_manifest(Path(summaries[0]["engine_dir"])).files
+
+
+def _fake_artifacts(root: Path) -> dict[str, Path]:
+    dirs = {"done": root / "convert" / "aaaa", "tmp": root / "convert" / ".tmp-bbbb-123-0123abcd",
+            "other": root / "source" / "cccc"}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+        (d / "w.bin").write_bytes(b"x" * 1000)
+    return dirs
+
+
+def test_clean_keeps_what_a_running_build_holds():
+    cache = Cache()
+    dirs = _fake_artifacts(cache.root)
+    with cache.lock("convert", "aaaa"), cache.lock("convert", "bbbb"):
+        freed, busy = cache.remove()
+        res = cli("clean")  # another process: the same locks, held here
+    assert freed == 1000 and {d for d, _ in busy} == {dirs["done"], dirs["tmp"]}
+    assert all(f"pid {os.getpid()}" in holder for _, holder in busy)
+    assert dirs["done"].is_dir() and dirs["tmp"].is_dir() and not dirs["other"].exists()
+    assert res.returncode == 0 and res.stdout.count("in use by a running build") == 2, res.stdout
+    assert cache.remove("convert") == (2000, [])
+    assert not dirs["done"].exists() and not dirs["tmp"].exists()
+
+
+def test_clean_refuses_an_unknown_stage():
+    cache = Cache()
+    dirs = _fake_artifacts(cache.root)
+    res = cli("clean", "--stage", "nosuch")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--stage: unknown stage 'nosuch'" in res.stderr and "convert" in res.stderr
+    assert all(d.is_dir() for d in dirs.values())
+    res = cli("clean", "--stage", "source")
+    assert res.returncode == 0 and not dirs["other"].exists() and dirs["done"].is_dir()

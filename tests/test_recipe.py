@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -131,7 +133,102 @@ def test_extends_cycle(tmp_path):
     write(tmp_path, BASE + "extends: b.yaml\n", "a.yaml")
     write(tmp_path, "extends: a.yaml\n", "b.yaml")
     msgs = problems(tmp_path / "a.yaml")
-    assert any("extends: cycle:" in m and "a.yaml -> " in m for m in msgs)
+    assert any(m.startswith(f"{tmp_path / 'b.yaml'}:1  extends: cycle:") and "a.yaml -> " in m
+               for m in msgs), msgs
+    write(tmp_path, BASE + "extends: self.yaml\n", "self.yaml")
+    assert any(m.startswith(f"{tmp_path / 'self.yaml'}:7  extends: cycle:")
+               for m in problems(tmp_path / "self.yaml"))
+
+
+def test_cross_field_rules_run_next_to_field_errors(tmp_path):
+    p = write(tmp_path, BASE + "  max_batch_size: x\n  max_input_len: 4096\n")
+    msgs = problems(p)
+    assert any(f"{p}:7  build.max_batch_size: got 'x'" in m for m in msgs), msgs
+    assert any(f"{p}:8  build.max_input_len: got 4096, larger than build.max_seq_len (1024)" in m
+               for m in msgs), msgs
+    # a rule whose own field is invalid is skipped, not run on a default
+    msgs = problems(write(tmp_path, BASE + "  max_seq_len: long\n  max_input_len: 4096\n"))
+    assert len(msgs) == 1 and "max_seq_len: got 'long'" in msgs[0]
+    # a required key missing (placeholder) and a bad section: the other rules still run
+    msgs = problems(write(tmp_path, "name: ../x\nmodel: {source: m}\nquantize: 5\n"
+                          "build: {target: cpu, backend: rtx, tp_size: 2}\n"))
+    assert {m.split("  ")[1].split(":")[0] for m in msgs} == {"name", "quantize", "build.target",
+                                                             "build.tp_size"}, msgs
+
+
+def test_errors_about_overrides_point_at_the_override(tmp_path):
+    p = write(tmp_path, BASE + "quantize:\n  calib:\n    samples: 4\n")
+    msgs = problems(p, ["quantize.calib.nonexist.deep=1", "build.plugins.moe.x=1",
+                        "~build.backend"])
+    for where, key in (("quantize.calib.nonexist.deep=1", "quantize.calib.nonexist"),
+                       ("build.plugins.moe.x=1", "build.plugins.moe"),
+                       ("~build.backend", "build.backend")):
+        assert any(m.startswith(f"override {where}  {key}: ") for m in msgs), (where, msgs)
+    # a section replaced by an override: its old lines no longer locate anything
+    msgs = problems(p, ["quantize.calib={samples: 0}"])
+    assert any(m.startswith("override quantize.calib={samples: 0}  quantize.calib.samples")
+               for m in msgs), msgs
+
+
+def test_bench_workload_is_checked_before_the_build(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")  # relative paths resolve against the recipe, not here
+    (tmp_path / "w.jsonl").write_text("")
+    (tmp_path / "w.csv").write_text("")
+    p = write(tmp_path, BASE + "bench:\n  workload: w.jsonl\n")
+    assert load_recipe(p).recipe.bench.workload == str(tmp_path / "w.jsonl")
+    assert load_recipe(p, ["bench.workload=synthetic"]).recipe.bench.workload == "synthetic"
+    msgs = problems(write(tmp_path, BASE + "bench:\n  workload: gone.jsonl\n"))
+    assert any(f"{tmp_path / 'r.yaml'}:8  bench.workload: gone.jsonl does not exist" in m
+               for m in msgs), msgs
+    msgs = problems(p, ["bench.workload=w.csv"])
+    assert any("override bench.workload=w.csv  bench.workload: got 'w.csv'; expected synthetic"
+               in m for m in msgs), msgs
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_bench_workload(tmp_path):
+    w = tmp_path / "w.txt"
+    w.write_text("text")
+    w.chmod(0)
+    msgs = problems(write(tmp_path, BASE + f"bench:\n  workload: {w}\n"))
+    assert any("bench.workload" in m and "is not readable" in m for m in msgs), msgs
+
+
+def _model_with(tmp_path: Path, name: str, config: str = "llama-3.2-1b.json", **changes) -> Path:
+    """A model directory whose config.json is a shipped test config with `changes` (a value of
+    ... removes the key); the plan reads nothing else."""
+    cfg = json.loads((REPO / "tests" / "data" / "configs" / config).read_text())
+    cfg.update(changes)
+    cfg = {k: v for k, v in cfg.items() if v is not ...}
+    model = tmp_path / name
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(cfg))
+    return model
+
+
+@pytest.mark.parametrize("config,changes,needle", [
+    ("llama-3.2-1b.json", {"num_attention_heads": ...},
+     "config.json has no num_attention_heads; expected a positive integer"),
+    ("llama-3.2-1b.json", {"hidden_size": "big"},
+     "config.json hidden_size: got 'big' (str); expected a positive integer"),
+    ("llama-3.2-1b.json", {"num_hidden_layers": True},
+     "config.json num_hidden_layers: got True (bool); expected a positive integer"),
+    ("llama-3.2-1b.json", {"rms_norm_eps": "small"},
+     "config.json rms_norm_eps: got 'small' (str); expected a positive number"),
+    ("hunyuan-0.5b.json", {"rope_scaling": "dynamic"},
+     "config.json rope_scaling: got 'dynamic' (str); expected a mapping or null"),
+    ("mixtral-8x7b.json", {"num_local_experts": ...},
+     "config.json has no num_local_experts, which the mixtral family needs"),
+    ("llama-3.2-1b.json", {"architectures": [{"a": 1}]},
+     "config.json architectures: got [{'a': 1}]; expected a list of class names"),
+    ("llama-3.2-1b.json", {"quantization_config": "gptq"}, "already quantized (?)"),
+])
+def test_broken_model_config_is_bad_input(tmp_path, config, changes, needle):
+    model = _model_with(tmp_path, "m", config, **changes)
+    p = write(tmp_path, BASE.replace(str(DEFAULT_MODEL), str(model)))
+    msgs = problems(p)
+    assert any("model.source: " + needle in m for m in msgs), msgs
 
 
 def test_override_deletion_and_unknown_keys(tmp_path):

@@ -123,17 +123,46 @@ class Cache:
                 out.append(Entry(stage_dir.name, m.key, d, size, m.finished))
         return out
 
-    def remove(self, stage: str | None = None) -> int:
-        """Delete artifacts (of one stage, or all) and stale temp dirs; returns bytes freed."""
-        freed = 0
+    def remove(self, stage: str | None = None) -> tuple[int, list[tuple[Path, str]]]:
+        """Delete artifacts (of one stage, or all) and stale temp dirs; returns bytes freed and
+        the (dir, holder) pairs skipped because a running build holds their lock."""
+        freed, busy = 0, []
         if not self.root.is_dir():
-            return 0
+            return 0, busy
         for stage_dir in [p for p in self.root.iterdir() if p.is_dir()]:
             if stage and stage_dir.name != stage:
                 continue
             for d in stage_dir.iterdir():
                 if d.name == ".locks":
                     continue
-                freed += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-                shutil.rmtree(d, ignore_errors=True)
-        return freed
+                with self._unless_locked(stage_dir / ".locks", _key_of(d.name)) as holder:
+                    if holder is not None:
+                        busy.append((d, holder))
+                        continue
+                    freed += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+                    shutil.rmtree(d, ignore_errors=True)
+        return freed, busy
+
+    @contextmanager
+    def _unless_locked(self, lock_dir: Path, key: str) -> Iterator[str | None]:
+        """Hold `key`'s lock for the block (None), or yield who holds it without waiting."""
+        path = lock_dir / f"{key}.lock"
+        if not path.is_file():
+            yield None  # never locked (logs, or a cache older than locks)
+            return
+        with path.open("a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                yield f.read().strip() or "another process"
+                return
+            try:
+                yield None
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _key_of(name: str) -> str:
+    """The artifact key of a dir in a stage dir: `<key>` or a temp `.tmp-<key>-<pid>-<hex>`."""
+    return name[len(TMP_PREFIX):].rsplit("-", 2)[0] if name.startswith(TMP_PREFIX) else name

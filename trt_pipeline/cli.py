@@ -307,12 +307,17 @@ def ls_cmd() -> None:
 @click.option("--stage", default=None, help="Only this stage's artifacts.")
 @click.option("--engines", is_flag=True, help="Also delete published engine dirs.")
 def clean(stage: str | None, engines: bool) -> None:
-    """Delete cached artifacts (all, or one stage's)."""
+    """Delete cached artifacts (all, or one stage's); those a running build holds are kept."""
     import shutil
 
     from .executor import default_engines_root
+    from .stages import STAGES
 
-    freed = Cache().remove(stage)
+    if stage is not None and stage not in STAGES:
+        raise bad_input("--stage", f"unknown stage {stage!r}", f"Use one of {', '.join(STAGES)}.")
+    freed, busy = Cache().remove(stage)
+    for d, holder in busy:
+        out.print(f"skipped {d}: in use by a running build ({holder})")
     out.print(f"freed {freed / 1e6:.1f} MB of cache")
     if engines and default_engines_root().is_dir():
         for d in default_engines_root().iterdir():

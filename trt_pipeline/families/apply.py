@@ -20,7 +20,7 @@ from ..console import track
 from ..errors import BadInput, Problem
 from . import family_for
 from .hf import HFSource
-from .rules import Family
+from .rules import Family, config_problems
 
 if TYPE_CHECKING:
     import torch
@@ -57,10 +57,18 @@ def float_quantization() -> dict[str, Any]:
 
 def checkpoint_config(family: Family, hf: dict[str, Any], dtype: str) -> dict[str, Any]:
     """The checkpoint config.json for a tp=1 float conversion of `hf`."""
-    problems = [Problem("model.source", msg, None) for msg in family.check(hf)]
+    problems = [Problem("model.source", msg, None) for msg in config_problems(hf)]
+    problems = problems or [Problem("model.source", msg, None) for msg in family.check(hf)]
     if problems:
         raise BadInput(problems)
-    cfg = family.make_config(hf)
+    try:
+        cfg = family.make_config(hf)
+    except KeyError as exc:  # a field only this family needs (e.g. num_experts)
+        raise BadInput([Problem("model.source", f"config.json has no {exc.args[0]}, which the "
+                                f"{family.name} family needs", None)]) from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise BadInput([Problem("model.source", f"config.json does not fit the {family.name} "
+                                f"family ({type(exc).__name__}: {exc})", None)]) from None
     cfg["dtype"] = dtype
     cfg["mapping"] = mapping()
     cfg["quantization"] = float_quantization()

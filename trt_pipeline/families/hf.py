@@ -28,8 +28,16 @@ def read_hf_config(model_dir: Path, key: str = "model.source") -> dict[str, Any]
                                 str(path))]) from None
     if not isinstance(cfg, dict):
         raise BadInput([Problem(key, "config.json is not a JSON object", None, str(path))])
-    if cfg.get("quantization_config"):
-        method = cfg["quantization_config"].get("quant_method", "?")
+    archs, model_type = cfg.get("architectures"), cfg.get("model_type")
+    if archs is not None and not (isinstance(archs, list)
+                                  and all(isinstance(a, str) for a in archs)):
+        raise BadInput([Problem(key, f"config.json architectures: got {archs!r}; expected a list "
+                                "of class names", None, str(path))])
+    if model_type is not None and not isinstance(model_type, str):
+        raise BadInput([Problem(key, f"config.json model_type: got {model_type!r}; expected a "
+                                "string", None, str(path))])
+    if qc := cfg.get("quantization_config"):
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
         raise BadInput([Problem(key, f"already quantized ({method}) Hugging Face checkpoint",
                                 "Use the float checkpoint; quantize with quantize.method.",
                                 str(path))])

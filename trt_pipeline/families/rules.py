@@ -107,6 +107,46 @@ def rope(hf: HFConfig) -> tuple[float, dict[str, Any] | None]:
                             "Supported: default, linear, llama3 (and HunYuan's fixed alpha).")])
 
 
+# config.json fields the families read, by what they must hold; the first five every family needs.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                   "intermediate_size")
+_POSITIVE_INT = "a positive integer"
+FIELD_KINDS: dict[str, str] = {
+    **dict.fromkeys(REQUIRED_FIELDS, _POSITIVE_INT),
+    **dict.fromkeys(("num_key_value_heads", "head_dim", "attention_head_dim",
+                     "max_position_embeddings", "moe_intermediate_size", "num_experts",
+                     "num_local_experts", "num_experts_per_tok"), _POSITIVE_INT),
+    "shared_expert_intermediate_size": "an integer >= 0",
+    "rms_norm_eps": "a positive number",
+    "rope_theta": "a positive number",
+    "rope_scaling": "a mapping or null",
+    "rope_parameters": "a mapping or null",
+}
+NULLABLE = {"num_key_value_heads", "head_dim", "attention_head_dim", "rope_theta"}  # read with `or`
+
+
+def _fits(value: Any, kind: str) -> bool:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == _POSITIVE_INT:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if kind == "an integer >= 0":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if kind == "a positive number":
+        return number and value > 0
+    return value is None or isinstance(value, dict)
+
+
+def config_problems(hf: HFConfig) -> list[str]:
+    """What is missing or mistyped among the config.json fields the families read: checked
+    before any family maps the config, so a broken config.json is a message, not a KeyError."""
+    out = [f"config.json has no {k}; expected {FIELD_KINDS[k]}"
+           for k in REQUIRED_FIELDS if k not in hf]
+    out += [f"config.json {k}: got {v!r} ({type(v).__name__}); expected {FIELD_KINDS[k]}"
+            for k, v in hf.items() if k in FIELD_KINDS and not _fits(v, FIELD_KINDS[k])
+            and not (v is None and k in NULLABLE)]
+    return out
+
+
 def head_dim(hf: HFConfig) -> int:
     return int(hf.get("head_dim") or hf.get("attention_head_dim")
                or hf["hidden_size"] // hf["num_attention_heads"])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..errors import BadInput, Problem, did_you_mean
 from ..targets import TARGETS
@@ -32,11 +33,7 @@ class LoadedRecipe:
     origins: dict[str, str] = field(default_factory=dict)
 
     def where(self, key: str) -> str | None:
-        while key:
-            if key in self.origins:
-                return self.origins[key]
-            key = key.rpartition(".")[0]
-        return str(self.path) if self.path else None
+        return _where(self.origins, key, self.path)
 
     def to_yaml(self) -> str:
         """The resolved recipe, as saved next to each engine."""
@@ -61,21 +58,26 @@ def validate_recipe(
     problems = list(problems)
     data.pop("extends", None)
     recipe: Recipe | None = None
+    invalid: set[str] = set()
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        problems += [_problem_from_pydantic(err, origins, path) for err in exc.errors()]
-    if recipe is not None:
-        loaded = LoadedRecipe(recipe, path, origins)
-        problems += recipe_rules(loaded)
+        errors = exc.errors()
+        problems += [_problem_from_pydantic(err, origins, path) for err in errors]
+        invalid = {_field_of(err["loc"]) for err in errors}
+    checkable = recipe or _without_invalid(data, invalid)
+    if checkable is not None:  # cross-field rules whose own fields are valid, errors or not
+        problems += recipe_rules(LoadedRecipe(checkable, path, origins), frozenset(invalid))
     if problems:
         raise BadInput(problems, str(path) if path else "recipe")
     assert recipe is not None
     return LoadedRecipe(recipe, path, origins)
 
 
-def recipe_rules(loaded: LoadedRecipe) -> list[Problem]:
-    """Rules across fields that need only the recipe (the plan adds those that need the model)."""
+def recipe_rules(loaded: LoadedRecipe, invalid: frozenset[str] = frozenset()) -> list[Problem]:
+    """Rules across fields that need only the recipe (the plan adds those that need the model).
+    A rule runs only when none of its fields is in `invalid` (keys that failed validation), so
+    field and cross-field errors are reported together."""
     r = loaded.recipe
     b, q = r.build, r.quantize
     target = TARGETS[b.target]
@@ -84,39 +86,66 @@ def recipe_rules(loaded: LoadedRecipe) -> list[Problem]:
     def add(key: str, msg: str, fix: str | None = None) -> None:
         out.append(Problem(key, msg, fix, loaded.where(key)))
 
-    if b.max_input_len > b.max_seq_len:
+    def ok(*keys: str) -> bool:
+        return not any(k == bad or k.startswith(f"{bad}.") or bad.startswith(f"{k}.")
+                       for k in keys for bad in invalid)
+
+    if ok("build.max_input_len", "build.max_seq_len") and b.max_input_len > b.max_seq_len:
         add("build.max_input_len", f"got {b.max_input_len}, larger than build.max_seq_len "
             f"({b.max_seq_len})", f"Set build.max_input_len<={b.max_seq_len} or raise max_seq_len.")
-    if q.method == "awq" and q.bits != 4:
+    if ok("quantize.method", "quantize.bits") and q.method == "awq" and q.bits != 4:
         add("quantize.bits", f"got {q.bits}; awq produces 4-bit weights (W4A16_AWQ)",
             "Set quantize.bits=4, or quantize.method=rtn for INT8 weight-only.")
-    if q.method == "rtn" and q.bits == 8 and q.group_size != -1:
+    if ok("quantize.method", "quantize.bits", "quantize.group_size") and q.method == "rtn" \
+            and q.bits == 8 and q.group_size != -1:
         add("quantize.group_size", f"got {q.group_size}; INT8 weight-only (W8A16) is per-channel "
             "in TensorRT-LLM", "Set quantize.group_size=-1.")
-    if q.method == "awq" and q.group_size == -1:
+    if ok("quantize.method", "quantize.group_size") and q.method == "awq" \
+            and q.group_size == -1:
         add("quantize.group_size", "got -1; AWQ is group-wise (W4A16_AWQ)",
             "Set quantize.group_size=128.")
-    if b.backend == "onnx" and target.kind != "cpu":
+    gpu = ok("build.backend", "build.target")
+    if gpu and b.backend == "onnx" and target.kind != "cpu":
         add("build.target", f"got {b.target!r}; the onnx backend runs on the CPU (ONNX Runtime)",
             "Set build.target=cpu, or build.backend=rtx for an RTX GPU engine.")
-    if b.backend != "onnx" and target.kind == "cpu":
+    if gpu and b.backend != "onnx" and target.kind == "cpu":
         add("build.target", f"got 'cpu'; the {b.backend} backend builds for an NVIDIA GPU",
             "Set build.target to a GPU such as rtx3060-12gb, or build.backend=onnx.")
-    if b.backend == "rtx" and target.kind == "datacenter":
+    if gpu and b.backend == "rtx" and target.kind == "datacenter":
         add("build.target", f"got {b.target!r} (SM{target.sm}); TensorRT for RTX builds for "
             "GeForce/RTX GPUs (SM86, SM89, SM120), not data-centre GPUs",
             "Use build.backend=trtllm for data-centre GPUs.")
-    if b.kv_cache.dtype == "fp8" and "fp8" not in target.precisions:
+    if ok("build.kv_cache.dtype", "build.target") and b.kv_cache.dtype == "fp8" \
+            and "fp8" not in target.precisions:
         add("build.kv_cache.dtype", f"fp8 needs SM89 or newer; {b.target} is SM{target.sm}",
-            "Set build.kv_cache.dtype=int8 or auto.")
-    if b.backend != "trtllm" and (b.tp_size > 1 or b.pp_size > 1):
+            "Set build.kv_cache.dtype=auto.")
+    if ok("build.backend", "build.tp_size", "build.pp_size") and b.backend != "trtllm" \
+            and (b.tp_size > 1 or b.pp_size > 1):
         add("build.tp_size", "tensor/pipeline parallelism needs the trtllm backend, "
             f"not {b.backend}",
             "Set build.tp_size=1 and build.pp_size=1.")
-    if b.backend == "trtllm" and b.kv_cache.dtype == "float16" and r.model.dtype == "bfloat16":
+    if ok("build.backend", "build.kv_cache.dtype", "model.dtype") and b.backend == "trtllm" \
+            and b.kv_cache.dtype == "float16" and r.model.dtype == "bfloat16":
         add("build.kv_cache.dtype", "float16 KV cache with a bfloat16 model",
             "Set build.kv_cache.dtype=auto.")
+    if ok("bench.workload"):
+        out += _workload_problems(r.bench.workload, loaded.where("bench.workload"))
     return out
+
+
+def _workload_problems(spec: str, where: str | None) -> list[Problem]:
+    """`build --bench` reads the workload only after the whole build: check it up front."""
+    key, fix = "bench.workload", "Give a trtllm-bench .jsonl or a .txt file, or synthetic."
+    if spec == "synthetic":
+        return []
+    if not spec.endswith((".jsonl", ".txt")):
+        return [Problem(key, f"got {spec!r}; expected synthetic, a .jsonl or a .txt file", fix,
+                        where)]
+    if not Path(spec).is_file():
+        return [Problem(key, f"{spec} does not exist or is not a file", fix, where)]
+    if not os.access(spec, os.R_OK):
+        return [Problem(key, f"{spec} is not readable", "Fix its permissions.", where)]
+    return []
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -125,13 +154,6 @@ def recipe_rules(loaded: LoadedRecipe) -> list[Problem]:
 def _read_with_extends(path: Path, chain: tuple[Path, ...]
                        ) -> tuple[dict[str, Any], dict[str, str]]:
     resolved = path.resolve() if path.exists() else path
-    if resolved in chain:
-        cycle = " -> ".join(str(p) for p in (*chain, resolved))
-        raise BadInput([Problem("extends", f"cycle: {cycle}", "Remove one of the extends.",
-                                str(chain[-1]))], str(chain[0]))
-    if len(chain) >= MAX_EXTENDS_DEPTH:
-        raise BadInput([Problem("extends", f"more than {MAX_EXTENDS_DEPTH} levels of extends",
-                                None, str(path))], str(chain[0]))
     data, origins = read_yaml(path)
     parent = data.pop("extends", None)
     where = origins.pop("extends", str(path))
@@ -144,6 +166,14 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]
     if not parent_path.is_file():
         raise BadInput([Problem("extends", f"{parent!r} not found (looked at {parent_path})", None,
                                 where)], str(path))
+    top = str(chain[0] if chain else path)  # checked here, where `extends:` has a line
+    if parent_path.resolve() in (*chain, resolved):
+        cycle = " -> ".join(str(p) for p in (*chain, resolved, parent_path.resolve()))
+        raise BadInput([Problem("extends", f"cycle: {cycle}", "Remove one of the extends.",
+                                where)], top)
+    if len(chain) + 1 >= MAX_EXTENDS_DEPTH:
+        raise BadInput([Problem("extends", f"more than {MAX_EXTENDS_DEPTH} levels of extends",
+                                None, where)], top)
     try:
         base, base_origins = _read_with_extends(parent_path, (*chain, resolved))
     except BadInput as exc:
@@ -314,6 +344,40 @@ def _problem_from_pydantic(err: Any, origins: dict[str, str], path: Path | None)
         return Problem(key, f"got {got!r}; {err['msg'].lower()}", None, where)
     msg = err["msg"].removeprefix("Value error, ")
     return Problem(key, msg, None, where)
+
+
+def _field_of(loc: tuple[int | str, ...]) -> str:
+    """The recipe field a pydantic error is about: `quantize.exclude.1` -> `quantize.exclude`."""
+    parts = [str(p) for p in loc]
+    cut = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts))
+    return ".".join(parts[:cut])
+
+
+def _without_invalid(data: dict[str, Any], invalid: set[str]) -> Recipe | None:
+    """The recipe with every invalid key dropped (defaults take their place, placeholders for
+    required ones), so the rules whose own fields are valid can still run; None if that fails."""
+    clean = copy.deepcopy(data)
+    for key in invalid:
+        *parents, leaf = key.split(".") if key else [""]
+        node = _get(clean, ".".join(parents)) if parents else clean
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    _fill_required(Recipe, clean)
+    try:
+        return Recipe.model_validate(clean)
+    except ValidationError:
+        return None
+
+
+def _fill_required(model: type[BaseModel], data: dict[str, Any]) -> None:
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        section = isinstance(ann, type) and issubclass(ann, BaseModel)
+        if name not in data and info.is_required():
+            args = get_args(ann) if get_origin(ann) is Literal else ()
+            data[name] = {} if section else args[0] if args else "placeholder"
+        if section and isinstance(data.get(name), dict):
+            _fill_required(ann, data[name])
 
 
 def _where(origins: dict[str, str], key: str, path: Path | None) -> str | None:

@@ -59,7 +59,8 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> tuple[list[Override],
 def apply_overrides(
     data: dict[str, Any], overrides: list[Override], origins: dict[str, str]
 ) -> list[Problem]:
-    """Apply in order, recording each touched key's origin; unknown keys are left to validation."""
+    """Apply in order, recording each touched key's origin (sections an override creates and keys
+    it deletes included, so errors about them point at it); unknown keys are left to validation."""
     problems: list[Problem] = []
     for ov in overrides:
         parts = ov.key.split(".")
@@ -68,6 +69,8 @@ def apply_overrides(
             if ov.delete and part not in node:
                 node = None
                 break
+            if part not in node:
+                origins[".".join(parts[: i + 1])] = ov.where
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 problems.append(Problem(".".join(parts[: i + 1]),
@@ -86,9 +89,9 @@ def apply_overrides(
                 problems.append(Problem(ov.key, "nothing to delete: key not set", None, ov.where))
                 continue
             del node[leaf]
-            for k in [k for k in origins if k == ov.key or k.startswith(ov.key + ".")]:
-                del origins[k]
         else:
             node[leaf] = ov.value
-            origins[ov.key] = ov.where
+        for k in [k for k in origins if k.startswith(ov.key + ".")]:
+            del origins[k]  # what the file said below this key is gone
+        origins[ov.key] = ov.where
     return problems
