@@ -4,6 +4,8 @@ report that survives its JSON round trip; the CLI commands write and compare rep
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 from click.testing import CliRunner
@@ -161,3 +163,37 @@ def test_metadata_names_the_runtime_that_ran_and_the_recipe(engine_dir, tmp_path
     recipe = (engine_dir / "recipe.yaml").read_bytes()
     assert meta["recipe_sha256"] == hashlib.sha256(recipe).hexdigest()
     assert json.loads((engine_dir / "manifest.json").read_text())["recipe"] == meta["engine"]
+
+
+def test_roofline_on_the_target_gpu_and_not_on_a_cpu_fallback(engine_dir, tmp_path):
+    """An engine that ran on its GPU runtime gets the target's decode ceiling from the planner's
+    figures in its manifest (hand arithmetic below); a CPU run says why it has none."""
+    import json
+    import shutil
+
+    from trt_pipeline.bench.measure import decode_roofline
+    from trt_pipeline.bench.report import markdown
+
+    rtx = Path(shutil.copytree(engine_dir, tmp_path / "rtx"))
+    m = json.loads((rtx / "manifest.json").read_text())
+    m.update(target="rtx3060-12gb", runtime={**m["runtime"], "max_batch_size": 4,
+                                             "max_seq_len": 1000})
+    m["metrics"]["memory_fit"] = {"estimate": {"weights_bytes": 400_000_000,
+                                               "kv_cache_bytes": 4 * 1000 * 20_000}}
+    (rtx / "manifest.json").write_text(json.dumps(m))
+    requests = [Request(i, None, [1] * 100, 50) for i in range(3)]
+    roof, why = decode_roofline(rtx, "tensorrt_rtx", requests)
+    assert why is None and roof.bandwidth_gbs == 360 and roof.weight_bytes == 400e6
+    assert roof.kv_bytes_per_token == 20_000 and roof.context_tokens == 125  # 100 + 50 / 2
+    # batch 1: 360e9 / (400e6 + 125 * 20e3) B = 894.4 tok/s
+    assert roof.bandwidth_gbs * 1e9 / (roof.weight_bytes + 125 * 20_000) == pytest.approx(894.41,
+                                                                                         abs=0.01)
+    assert decode_roofline(rtx, "onnxruntime", requests) == (
+        None, "not computed: onnxruntime ran it on this host, not the target GPU")
+
+    runner = Runner.open(engine_dir)
+    runner.info.update(runtime="tensorrt_rtx", path=str(rtx))
+    report = sweep(runner, workload(2), [1], warmup=0)
+    assert report.roofline is not None and "% of ceiling" in markdown(report)
+    cpu = sweep(Runner.open(engine_dir), workload(2), [1], warmup=0)
+    assert cpu.roofline is None and cpu.metadata["roofline"].startswith("not computed")

@@ -13,6 +13,7 @@ from rich.table import Table
 from .cache import Cache
 from .console import err_console, setup_logging
 from .errors import BadInput, PipelineError, bad_input
+from .manifest import REPORTS_DIR
 from .recipe.load import load_recipe
 
 out = Console(highlight=False, soft_wrap=True)
@@ -136,7 +137,8 @@ def build(recipe: Path, overrides: tuple[str, ...], force: tuple[str, ...], as_j
     if run_bench:
         from .bench.cli_commands import bench_engine
 
-        markdown, report = bench_engine(result.engine_dir, out_dir=result.engine_dir / "bench")
+        markdown, report = bench_engine(result.engine_dir,
+                                        out_dir=result.engine_dir / REPORTS_DIR)
         if not as_json:
             out.print(markdown)
     if as_json:
@@ -184,7 +186,7 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str, family: str) -> None:
 @click.option("--top-k", type=click.IntRange(0), default=None)
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
 @click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=click.IntRange(0), default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 def run(engine_dir: Path, prompts: tuple[str, ...], chat: bool, system: str | None, stream: bool,
         **sampling: object) -> None:
@@ -244,6 +246,11 @@ def verify(artifact_dir: Path, hf_dir: Path, text: str, tokens: int, window: int
 @click.option("--seq-len", type=click.IntRange(2), default=256, show_default=True)
 @click.option("--exclude", multiple=True, help="fnmatch pattern kept in float (repeatable; "
               "default lm_head).")
+@click.option("--no-exclude", is_flag=True,
+              help="Quantize every linear, lm_head included (a tied head is stored apart).")
+@click.option("--skip-indivisible/--no-skip-indivisible", default=True, show_default=True,
+              help="Keep linears whose in-width the group size does not divide in float, "
+                   "instead of refusing the checkpoint.")
 @click.option("--eval-text", default="builtin", show_default=True,
               help="Held-out text for the quality figures: builtin, random, or a file.")
 @click.option("--gate", is_flag=True, help="Fail (exit 1, nothing written) beyond the bounds.")
@@ -251,8 +258,9 @@ def verify(artifact_dir: Path, hf_dir: Path, text: str, tokens: int, window: int
 @click.option("--min-top1", type=float, default=0.75, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def quantize(ckpt_dir: Path, out_dir: Path, method: str, bits: str, group_size: str, calib: str,
-             samples: int, seq_len: int, exclude: tuple[str, ...], eval_text: str, gate: bool,
-             max_ppl_ratio: float, min_top1: float, as_json: bool) -> None:
+             samples: int, seq_len: int, exclude: tuple[str, ...], no_exclude: bool,
+             skip_indivisible: bool, eval_text: str, gate: bool, max_ppl_ratio: float,
+             min_top1: float, as_json: bool) -> None:
     """Quantize a float TensorRT-LLM checkpoint (INT4 AWQ, or RTN INT4/INT8) and report its
     perplexity and top-1 agreement against the float one on held-out text."""
     from .errors import StageFailed
@@ -260,8 +268,11 @@ def quantize(ckpt_dir: Path, out_dir: Path, method: str, bits: str, group_size: 
     from .quant.quality import evaluate
     from .quant.quantize import QuantParams, quantize_checkpoint
 
+    if no_exclude and exclude:
+        raise bad_input("--no-exclude", "given with --exclude", "Pass one of them.")
     params = QuantParams(method=method, bits=int(bits), group_size=int(group_size),
-                         exclude=exclude or ("lm_head",), calib_data=calib, samples=samples,
+                         exclude=() if no_exclude else exclude or ("lm_head",),
+                         skip_indivisible=skip_indivisible, calib_data=calib, samples=samples,
                          seq_len=seq_len)
     with atomic_output_dir(out_dir) as tmp:
         metrics = quantize_checkpoint(ckpt_dir, tmp, params)

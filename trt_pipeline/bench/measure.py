@@ -53,8 +53,9 @@ from ..manifest import (
 )
 from ..runner import Runner, SamplingParams, TokenEvent
 from ..scheduler import BatchScheduler
+from ..targets import TARGETS
 from .metrics import RequestRecord
-from .report import BenchLevel, BenchReport
+from .report import BenchLevel, BenchReport, Roofline
 from .workload import Request
 
 Api = Literal["completions", "chat"]
@@ -377,6 +378,11 @@ def sweep(target: Runner | str, requests: Sequence[Request], levels: Sequence[in
         if target.info["runtime"] != facts["runtime"]:  # e.g. an RTX engine's CPU fallback
             facts["built_for_runtime"] = facts["runtime"]
         facts["runtime"] = target.info["runtime"]  # what ran, not what the manifest names
+    roofline, why_not = (decode_roofline(Path(target.info["path"]), target.info["runtime"],
+                                         requests) if isinstance(target, Runner)
+                         else (None, "not computed for an endpoint (its device is unknown here)"))
+    if why_not:
+        facts["roofline"] = why_not
     shared = sum(g == 0 for lv in out for r in lv.records for g in r.token_gaps_ms)
     metadata = {
         "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -390,11 +396,39 @@ def sweep(target: Runner | str, requests: Sequence[Request], levels: Sequence[in
         "device": device_facts(),
         "host": host_name(),
     }
-    return BenchReport(metadata=metadata, levels=tuple(out))
+    return BenchReport(metadata=metadata, levels=tuple(out), roofline=roofline)
 
 
 VERSIONED = ("trt-pipeline", "numpy", "torch", "transformers", "onnxruntime", "tensorrt-rtx-cu12",
              "tensorrt_llm")
+
+
+GPU_RUNTIMES = ("tensorrt_rtx", "tensorrt_llm")
+
+
+def decode_roofline(engine_dir: Path, runtime: str, requests: Sequence[Request]
+                    ) -> tuple[Roofline | None, str | None]:
+    """The decode ceiling of the engine's target GPU (benchmarking.md §7.3), from the planner's
+    figures in its manifest: weights, and KV bytes per token = the KV cache over max batch x
+    max seq. Only when the engine ran on a GPU runtime: a CPU fallback is not that device."""
+    if runtime not in GPU_RUNTIMES:
+        return None, f"not computed: {runtime} ran it on this host, not the target GPU"
+    if not is_engine_dir(engine_dir):
+        return None, "not computed: no engine manifest"
+    m = read_engine_manifest(engine_dir)
+    est = (m.metrics.get("memory_fit") or {}).get("estimate")
+    target = TARGETS.get(m.target)
+    rows = m.runtime.get("max_batch_size", 0) * m.runtime.get("max_seq_len", 0)
+    if not est or target is None or not rows:
+        return None, "not computed: the manifest has no memory estimate or known target"
+    isl = [len(r.input_ids) for r in requests if r.input_ids is not None]
+    osl = [r.output_tokens for r in requests]
+    context = (float(np.mean(isl)) if isl else 0.0) + float(np.mean(osl)) / 2
+    return Roofline(weight_bytes=est["weights_bytes"],
+                    kv_bytes_per_token=est["kv_cache_bytes"] / rows, context_tokens=context,
+                    bandwidth_gbs=target.bandwidth_gbs,
+                    source=f"{target.name} {target.bandwidth_gbs} GB/s; weights and KV from the "
+                           "planner's estimate in the manifest"), None
 
 
 def engine_facts(engine_dir: Path) -> dict[str, Any]:
