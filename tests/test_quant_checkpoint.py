@@ -159,3 +159,110 @@ def test_bad_calibration_data(tiny_ckpt, tmp_path):
     shutil.copytree(tiny_ckpt["llama"], tiny_vocab)  # vocab 512 < the tokenizer's 2048
     shutil.copy(DEFAULT_MODEL / "tokenizer.json", tiny_vocab)
     assert "vocab_size 512" in bad(key, tiny_vocab, out, QuantParams())
+
+
+# ---- the W4A16_AWQ layout, derived here from facts/trtllm.md §7-§8, not from expected_tensors ----
+
+def facts_layout(hf: dict, group: int = 128) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of a float32 checkpoint quantized W4A16_AWQ with lm_head excluded:
+    a quantized linear [.., out, in] is `weight` int8 [.., out/2, in] (int4 pairs packed along
+    out), `weights_scaling_factor` [.., out, in/group] and `prequant_scaling_factor` [.., in] in
+    the model dtype; the router stays float32; everything else keeps its float shape."""
+    f32 = "float32"
+    hidden, vocab = hf["hidden_size"], hf["vocab_size"]
+    head = hf.get("head_dim") or hidden // hf["num_attention_heads"]
+    q, kv = hf["num_attention_heads"] * head, hf["num_key_value_heads"] * head
+    out = {"transformer.vocab_embedding.weight": (f32, (vocab, hidden)),
+           "transformer.ln_f.weight": (f32, (hidden,)), "lm_head.weight": (f32, (vocab, hidden))}
+
+    def linear(name, n_out, n_in, *experts):
+        assert n_out % 2 == 0 and n_in % group == 0
+        out[f"{name}.weight"] = ("int8", (*experts, n_out // 2, n_in))
+        out[f"{name}.weights_scaling_factor"] = (f32, (*experts, n_out, n_in // group))
+        out[f"{name}.prequant_scaling_factor"] = (f32, (*experts, n_in))
+
+    for i in range(hf["num_hidden_layers"]):
+        p = f"transformer.layers.{i}"
+        out[f"{p}.input_layernorm.weight"] = (f32, (hidden,))
+        out[f"{p}.post_layernorm.weight"] = (f32, (hidden,))
+        linear(f"{p}.attention.qkv", q + 2 * kv, hidden)
+        if hf.get("attention_bias") or hf["model_type"] == "qwen2_moe":  # Qwen: attn_bias
+            out[f"{p}.attention.qkv.bias"] = (f32, (q + 2 * kv,))
+        linear(f"{p}.attention.dense", hidden, q)
+        experts = hf.get("num_experts") or hf.get("num_local_experts")
+        if not experts:
+            inter = hf["intermediate_size"]
+            linear(f"{p}.mlp.fc", inter, hidden)
+            linear(f"{p}.mlp.gate", inter, hidden)
+            linear(f"{p}.mlp.proj", hidden, inter)
+            continue
+        inter = hf.get("moe_intermediate_size") or hf["intermediate_size"]
+        out[f"{p}.mlp.router.weight"] = ("float32", (experts, hidden))
+        linear(f"{p}.mlp.fc", 2 * inter, hidden, experts)  # [up; gate] stacked per expert
+        linear(f"{p}.mlp.proj", hidden, inter, experts)
+        shared = hf.get("shared_expert_intermediate_size")
+        if shared:
+            linear(f"{p}.mlp.shared_expert.fc", 2 * shared, hidden)
+            linear(f"{p}.mlp.shared_expert.proj", hidden, shared)
+            out[f"{p}.mlp.shared_expert_gate.weight"] = (f32, (1, hidden))
+    return out
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """facts/trtllm.md §8: byte = low nibble (even output row) | high nibble (odd row), signed
+    int4; w = q * scale[row, col // group]."""
+    b = weight.to(torch.int16)
+    low, high = ((b & 0xF) ^ 8) - 8, b >> 4  # sign-extended nibbles
+    q = torch.stack([low, high], dim=-2).flatten(-3, -2)  # rows 0, 1 from byte 0, ...
+    assert q.min() >= -8 and q.max() <= 7
+    return q.float() * scale.float().repeat_interleave(group, dim=-1)
+
+
+def read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(ckpt / "rank0.safetensors"), framework="pt") as f:
+        return {n: f.get_tensor(n) for n in list(f.keys())}
+
+
+def rel_rms(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_awq_layout_matches_the_facts(family, tiny_hf, tiny_ckpt, tmp_path):
+    hf = json.loads((tiny_hf[family] / "config.json").read_text())
+    out = tmp_path / "q"
+    quantize_checkpoint(tiny_ckpt[family], out, TINY_AWQ)
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert (q["quant_algo"], q["group_size"], q["has_zero_point"], q["pre_quant_scale"]) == \
+        ("W4A16_AWQ", 128, False, True)
+    want = facts_layout(hf)
+    t, src = read_tensors(out), read_tensors(tiny_ckpt[family])
+    got = {n: (str(x.dtype).removeprefix("torch."), tuple(x.shape)) for n, x in t.items()}
+    assert got == want
+
+    # Unpacking by the facts' rule gives back the float model: scales folded into a norm
+    # (x / s there, W * s here) cancel column-wise; a pre-quant scale multiplies the input.
+    p = "transformer.layers.0"
+
+    def effective(name):
+        return dequantize(t[f"{p}.{name}.weight"], t[f"{p}.{name}.weights_scaling_factor"]) * \
+            t[f"{p}.{name}.prequant_scaling_factor"].unsqueeze(-2)
+
+    def through_norm(name, norm, weights):
+        return (weights * t[f"{p}.{norm}.weight"],
+                src[f"{p}.{name}.weight"] * src[f"{p}.{norm}.weight"])
+
+    checks = {"attention.qkv": through_norm("attention.qkv", "input_layernorm",
+                                            effective("attention.qkv")),
+              "attention.dense": (effective("attention.dense"), src[f"{p}.attention.dense.weight"])}
+    if family == "llama":  # GQA: dense's scale cannot fold into v, so it is a pre-quant scale
+        assert not t[f"{p}.attention.dense.prequant_scaling_factor"].eq(1).all()
+        checks["mlp.fc"] = through_norm("mlp.fc", "post_layernorm", effective("mlp.fc"))
+    else:  # expert gate rows [I, 2I): only the post-norm fold applies (up rows also hold 1/s)
+        inter = hf["moe_intermediate_size"]
+        eff, ref = through_norm("mlp.fc", "post_layernorm", effective("mlp.fc"))
+        checks["mlp.fc (gate rows)"] = (eff[:, inter:], ref[:, inter:])
+        pqs = t[f"{p}.mlp.fc.prequant_scaling_factor"]  # TensorRT-LLM reads only row 0
+        assert torch.equal(pqs, pqs[:1].expand_as(pqs))
+    for name, (eff, ref) in checks.items():
+        assert rel_rms(eff, ref) < 0.2, name  # INT4 g128 error ~0.11; a wrong layout ~1.4
