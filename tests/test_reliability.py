@@ -421,3 +421,52 @@ def test_remote_code_allowed_but_recorded_never_run_and_nothing_written_elsewher
     assert saved["model"]["trust_remote_code"] is True
 
 
+
+
+READER = """
+import os, sys
+final, stop = sys.argv[1], sys.argv[2]
+seen = misses = 0
+while not os.path.exists(stop):
+    seen += 1
+    if not os.path.isfile(os.path.join(final, "manifest.json")):
+        misses += 1
+print(seen, misses)
+"""
+
+
+def test_republishing_a_dir_never_leaves_it_missing(tmp_path):
+    """A reader polling engines/<name>/ in another process while it is replaced 300 times never
+    finds it missing: the swap is one rename (RENAME_EXCHANGE), not two with a gap."""
+    from trt_pipeline.fsio import replace_dir
+
+    final, stop = tmp_path / "engine", tmp_path / "stop"
+    final.mkdir()
+    (final / "manifest.json").write_text("0")
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(final), str(stop)],
+                              stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    for i in range(1, 301):
+        tmp = tmp_path / f".engine.tmp-{i}"
+        tmp.mkdir()
+        (tmp / "manifest.json").write_text(str(i))
+        replace_dir(tmp, final)
+    stop.touch()
+    seen, misses = map(int, reader.communicate(timeout=60)[0].split())
+    assert seen > 1000 and misses == 0
+    assert (final / "manifest.json").read_text() == "300"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine", "stop"]
+
+
+def test_republishing_without_rename_exchange_still_replaces(tmp_path, monkeypatch):
+    from trt_pipeline import fsio
+
+    monkeypatch.setattr(fsio, "_exchange", lambda a, b: False)
+    final = tmp_path / "engine"
+    for i in range(2):
+        tmp = tmp_path / f".tmp-{i}"
+        tmp.mkdir()
+        (tmp / "manifest.json").write_text(str(i))
+        fsio.replace_dir(tmp, final)
+    assert (final / "manifest.json").read_text() == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["engine"]

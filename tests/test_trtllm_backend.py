@@ -211,6 +211,42 @@ def test_gemm_plugin_rule():
     argv = trtllm.build_command(_spec(kv_cache_type="continuous"))
     assert argv[argv.index("--use_paged_context_fmha") + 1] == "disable"
     assert check_command(argv) == []
+    # builder.build raises for INT4/INT8 weight-only on SM100-SM119 (facts §5): refused up front
+    for algo in ("W4A16_AWQ", "W8A16"):
+        with pytest.raises(BadInput, match=f"quantize.method: {algo} weight-only GEMMs raise on "
+                           "SM100"):
+            trtllm.build_command(_spec(quant_algo=algo, target_sm=100))
+    assert check_command(trtllm.build_command(_spec(quant_algo="W4A16_AWQ", target_sm=120))) == []
+    assert check_command(trtllm.build_command(_spec(target_sm=100))) == []
+
+
+def test_plan_prints_the_trtllm_command(tiny_hf):
+    """`build-engine plan RECIPE --backend trtllm`: the command the build stage will run, with
+    the recipe's limits and the cache dirs of the stages the plan resolved."""
+    from click.testing import CliRunner
+
+    from trt_pipeline.cli import cli
+
+    args = ["plan", str(REPO / "recipes/default.yaml"), "--backend", "trtllm",
+            "build.max_batch_size=3", "build.max_input_len=200", "build.max_seq_len=300"]
+    done = CliRunner().invoke(cli, [*args, "--json"])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.output)
+    argv = summary["command"]
+    assert check_command(argv) == []
+    flags = dict(zip(argv[1::2], argv[2::2], strict=True))
+    dirs = {s["stage"]: s["dir"] for s in summary["stages"]}
+    assert summary["backend"] == "trtllm" and "build_trtllm" in dirs
+    assert flags["--checkpoint_dir"] == dirs["quantize"]
+    assert flags["--output_dir"] == dirs["build_trtllm"]  # built in a staging dir, renamed to it
+    assert flags["--output_timing_cache"] == f"{dirs['build_trtllm']}/timing.cache"
+    assert (flags["--max_batch_size"], flags["--max_input_len"], flags["--max_seq_len"]) == (
+        "3", "200", "300")
+    assert flags["--gemm_plugin"] == "disable" and flags["--moe_plugin"] == "disable"
+    text = CliRunner().invoke(cli, args)
+    assert text.exit_code == 0, text.output
+    assert "trtllm-build command:" in text.output
+    assert " ".join(argv) in " ".join(text.output.split())
 
 
 # --- the doctor and refusals ------------------------------------------------------------------
@@ -579,6 +615,66 @@ def test_split_refuses_groups_that_do_not_divide(tiny_ckpt, tmp_path):
     with pytest.raises(BadInput, match="4 query / 2 key-value heads cannot be split over "
                        "tp_size=3"):
         split_checkpoint(tiny_ckpt["llama"], tmp_path / "tp3", 3)
+
+
+# --- the ModelRunnerCpp adapter, against a stand-in with ModelRunnerCpp.generate's contract ----
+
+
+class FakeModelRunnerCpp:
+    """generate(batch_input_ids, ...) as ModelRunnerCpp 1.2.1 returns it with return_dict and
+    output_sequence_lengths (facts §12): output_ids [batch, beams, max_len] holding the prompt,
+    then the generated ids, padded with pad_id; sequence_lengths [batch, beams]. Streaming yields
+    one such dict per step; ranks other than 0 get empty dicts."""
+
+    def __init__(self, continuations: list[list[int]], rank0: bool = True) -> None:
+        self.continuations = continuations
+        self.rank0 = rank0
+        self.calls: list[dict] = []
+
+    def generate(self, batch_input_ids, **kw):
+        self.calls.append({"ids": [t.tolist() for t in batch_input_ids], **kw})
+        steps = [self._out(batch_input_ids, n, kw["pad_id"])
+                 for n in range(1, kw["max_new_tokens"] + 1)]
+        if kw["streaming"]:
+            return iter(s if self.rank0 else {} for s in steps)
+        return steps[-1]
+
+    def _out(self, prompts, n: int, pad: int) -> dict:
+        width = max(len(p) for p in prompts) + max(map(len, self.continuations))
+        ids = torch.full((len(prompts), 1, width), pad, dtype=torch.int32)
+        lengths = torch.zeros((len(prompts), 1), dtype=torch.int32)
+        for b, (p, c) in enumerate(zip(prompts, self.continuations, strict=True)):
+            row = [*p.tolist(), *c[:n]]
+            ids[b, 0, :len(row)] = torch.tensor(row, dtype=torch.int32)
+            lengths[b, 0] = len(row)
+        return {"output_ids": ids, "sequence_lengths": lengths}
+
+
+def test_modelrunnercpp_adapter_slices_prompts_and_sets_every_argument():
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    cont = [[10, 11, 12], [20, 21, 22]]
+    fake = FakeModelRunnerCpp(cont)
+    runner = trtllm.TrtllmRunner(fake, {"max_batch_size": 2, "max_seq_len": 64})
+    greedy = trtllm.Request(max_new_tokens=3, end_id=2, pad_id=0)
+    assert runner.generate(prompts, greedy) == cont
+    call = fake.calls[-1]
+    assert call["ids"] == prompts
+    # greedy is top_k=1 at temperature 1 (ModelRunnerCpp has no temperature-0 mode)
+    assert {k: call[k] for k in ("max_new_tokens", "end_id", "pad_id", "top_k", "temperature",
+                                 "num_beams", "return_dict", "output_sequence_lengths",
+                                 "streaming")} == {
+        "max_new_tokens": 3, "end_id": 2, "pad_id": 0, "top_k": 1, "temperature": 1.0,
+        "num_beams": 1, "return_dict": True, "output_sequence_lengths": True, "streaming": False}
+    sampled = trtllm.Request(max_new_tokens=3, end_id=2, pad_id=0, temperature=0.7, top_k=40,
+                             top_p=0.9, repetition_penalty=1.1, seed=5)
+    runner.generate(prompts, sampled)
+    call = fake.calls[-1]
+    assert (call["temperature"], call["top_k"], call["top_p"], call["repetition_penalty"],
+            call["random_seed"]) == (0.7, 40, 0.9, 1.1, 5)
+    assert list(runner.stream(prompts, greedy)) == [[c[:n] for c in cont] for n in (1, 2, 3)]
+    assert fake.calls[-1]["streaming"] is True
+    other_rank = trtllm.TrtllmRunner(FakeModelRunnerCpp(cont, rank0=False))
+    assert list(other_rank.stream(prompts, greedy)) == []
 
 
 # --- a real engine (GPU with tensorrt_llm 1.2.1 only) --------------------------------------------

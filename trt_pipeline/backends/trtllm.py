@@ -113,6 +113,11 @@ def spec_problems(spec: TrtllmBuildSpec) -> list[Problem]:
     if not spec.moe and spec.moe_plugin not in ("auto", "disable"):
         out.append(Problem("build.plugins.moe", f"got {spec.moe_plugin} for a dense model",
                            "Set build.plugins.moe=auto."))
+    if spec.quant_algo in WEIGHT_ONLY and 100 <= spec.target_sm < 120:
+        out.append(Problem("quantize.method", f"{spec.quant_algo} weight-only GEMMs raise on "
+                           f"SM{spec.target_sm} in TensorRT-LLM {TRTLLM_VERSION} "
+                           "(tensorrt_llm/builder.py, facts §5)",
+                           "Use quantize.method=none for SM100-SM119 targets."))
     if spec.log_level not in LOG_LEVELS:
         out.append(Problem("log_level", f"got {spec.log_level!r}; expected one of "
                            f"{', '.join(LOG_LEVELS)}", None))
@@ -351,10 +356,6 @@ def _gpu_problems(spec: TrtllmBuildSpec, report: DoctorReport) -> list[Problem]:
         out.append(Problem("build.target", f"the engine is for SM{spec.target_sm} but this GPU "
                            f"is SM{sm}; TensorRT engines run only on the SM they were built on",
                            "Build on the target GPU, or set build.target to this GPU."))
-    if spec.quant_algo in WEIGHT_ONLY and 100 <= sm < 120:
-        out.append(Problem("quantize", f"{spec.quant_algo} weight-only GEMMs raise on SM{sm} in "
-                           f"TensorRT-LLM {TRTLLM_VERSION} (facts §5)",
-                           "Use quantize.method=none on SM100-SM119."))
     return out
 
 
