@@ -41,6 +41,7 @@ VARIANTS = {"float32": ("float", "float32"), "float16": ("float", "float16"),
 # 0.009-0.018 on the 17-token prompt, <= 0.020 over prompt + 32 greedy tokens (logits span about
 # +-5.5); top-1 agreement 100 % for every family.
 FP16_MAX_ABS = 0.05
+ROUTER_TIE = 0.005  # fp32 router-logit gap below which fp16 may route differently
 
 
 @pytest.fixture(scope="module")
@@ -128,24 +129,50 @@ def test_left_padded_batch_matches_unpadded_rows(family, lowered):
 
 @pytest.mark.parametrize("variant", ["float16", "int4_float16"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_float16_graph_agrees_with_float32_reference(family, variant, lowered):
-    """Top-1 over the prompt and the reference's greedy continuation, fed as one sequence; the
-    INT4 variant against the reference running the same (dequantized) INT4 checkpoint."""
+def test_float16_graph_agrees_with_float32_reference(family, variant, lowered, monkeypatch):
+    """Logits and top-1 over 8 prompts and the reference's greedy continuations, each fed as one
+    sequence (392 positions); the INT4 variant against the reference running the same
+    (dequantized) INT4 checkpoint."""
     ckpt, graph, _ = lowered(family, variant)
     ref = ReferenceModel.load(ckpt)
-    prompt = _prompt()
-    ids = torch.cat([prompt, reference_greedy(ref, prompt, 32)], 1)
+    prompts = [_prompt(seed=seed) for seed in range(1, 9)]
+    ids = torch.cat([torch.cat([p, reference_greedy(ref, p, 32)], 1) for p in prompts])
+    margins = _router_margins(monkeypatch)
     expected = ref.forward(ids).numpy()
     got = OnnxModel.load(graph).forward(ids)
     diff = np.abs(got - expected).max(-1)
-    assert diff[:, :17].max() <= FP16_MAX_ABS
+    # An MoE position whose k-th and (k+1)-th router logits (fp32) are closer than fp16's
+    # rounding of the hidden state can route to another expert: a discrete jump, not an error.
+    # On these models that is at most 1.8 % of positions (gaps at the jumps 0.0014-0.0033, median
+    # gap ~0.3).
+    tie = (torch.stack(margins).amin(0).reshape(ids.shape).numpy() < ROUTER_TIE) if margins \
+        else np.zeros(ids.shape, dtype=bool)
+    assert tie.mean() < 0.03, tie.mean()
+    assert diff[~tie].max() <= FP16_MAX_ABS, diff[~tie].max()
     same = got.argmax(-1) == expected.argmax(-1)
     # where the reference's top two are closer than twice fp16's error there, rounding may
     # order them either way; everywhere else the choice must be the same
     top2 = np.sort(expected, -1)[..., -2:]
     decisive = top2[..., 1] - top2[..., 0] > 2 * diff
     assert same[decisive].all(), f"{family} {variant}: decisive positions differ"
-    assert same.mean() >= (0.99 if variant == "float16" else 0.97), same.mean()
+    assert same.mean() >= 0.99, same.mean()
+
+
+def _router_margins(monkeypatch) -> list[torch.Tensor]:
+    """Records, for every MoE layer the reference runs, the gap between the k-th and (k+1)-th
+    router logit of each token."""
+    from trt_pipeline.reference import model as reference
+
+    seen: list[torch.Tensor] = []
+    route = reference.route
+
+    def spy(logits: torch.Tensor, top_k: int, normalization: str):
+        ranked = logits.sort(-1, descending=True).values
+        seen.append(ranked[:, top_k - 1] - ranked[:, top_k])
+        return route(logits, top_k, normalization)
+
+    monkeypatch.setattr(reference, "route", spy)
+    return seen
 
 
 def _graph(graph_dir: Path) -> onnx.ModelProto:
