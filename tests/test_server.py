@@ -311,3 +311,17 @@ def test_text_without_a_tokenizer_is_a_400_not_a_crash(served, tmp_path):
     assert (chat.status_code, chat.json()["error"]["param"]) == (400, "messages")
     assert "no tokenizer" in chat.json()["error"]["message"]
     assert ids.status_code == 200 and ids.json()["usage"]["completion_tokens"] == 2
+
+
+def test_batching_mode_is_the_runtimes_unless_asked(engine_dir, client):
+    """auto = in-flight on the CPU runtimes; `--batching static` is honoured."""
+    from fastapi.testclient import TestClient
+
+    from trt_pipeline.server import create_app
+
+    assert scheduler_stats(client)["mode"] == "inflight"
+    with TestClient(create_app(engine_dir, inflight=False)) as c:
+        assert c.get("/health").json()["scheduler"]["mode"] == "static"
+        body = c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 4,
+                                               "ignore_eos": True}).json()
+        assert body["usage"]["completion_tokens"] == 4

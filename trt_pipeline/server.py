@@ -113,9 +113,9 @@ class _Engine:
     """What the routes share: the runner, its scheduler, the model id and sampling defaults."""
 
     def __init__(self, engine_dir: Path, max_batch_size: int | None, batch_window_s: float,
-                 model_name: str | None = None) -> None:
+                 model_name: str | None = None, inflight: bool | None = None) -> None:
         self.runner = Runner.open(engine_dir)
-        self.scheduler = BatchScheduler(self.runner, max_batch_size, batch_window_s)
+        self.scheduler = BatchScheduler(self.runner, max_batch_size, batch_window_s, inflight)
         self.model_id = model_name or str(self.runner.info.get("recipe")
                                           or Path(engine_dir).resolve().name)
         self.defaults = sampling_params(engine_dir, {})
@@ -255,11 +255,13 @@ async def _collect(request: Request, events: AsyncIterator[TokenEvent]) -> list[
 
 
 def create_app(engine_dir: str | Path, max_batch_size: int | None = None,
-               batch_window_s: float = 0.0, model_name: str | None = None) -> FastAPI:
+               batch_window_s: float = 0.0, model_name: str | None = None,
+               inflight: bool | None = None) -> FastAPI:
     """The app for one engine dir; the scheduler thread runs while the app's lifespan does.
-    `max_batch_size` and `batch_window_s` are the scheduler's (scheduler.py). The model id
-    clients send is `model_name`, else the engine's recipe name, else the directory's name."""
-    engine = _Engine(Path(engine_dir), max_batch_size, batch_window_s, model_name)
+    `max_batch_size`, `batch_window_s` and `inflight` are the scheduler's (scheduler.py). The
+    model id clients send is `model_name`, else the engine's recipe name, else the directory's
+    name."""
+    engine = _Engine(Path(engine_dir), max_batch_size, batch_window_s, model_name, inflight)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -364,12 +366,12 @@ async def _stream(head: dict[str, Any], events: AsyncIterator[TokenEvent], promp
 
 def serve(engine_dir: str | Path, host: str = "127.0.0.1", port: int = 8080,
           max_batch_size: int | None = None, batch_window_s: float = 0.0,
-          model_name: str | None = None) -> None:
+          model_name: str | None = None, inflight: bool | None = None) -> None:
     """Run the server until interrupted. Access logs are off: stdout carries results only, and a
     log line per request would cost the benchmark it serves."""
     import uvicorn
 
     # Keep-alive longer than clients' own (httpx 5 s, aiohttp 15 s): a server closing an idle
     # connection as a client reuses it fails that request.
-    uvicorn.run(create_app(engine_dir, max_batch_size, batch_window_s, model_name), host=host,
-                port=port, access_log=False, log_level="info", timeout_keep_alive=75)
+    uvicorn.run(create_app(engine_dir, max_batch_size, batch_window_s, model_name, inflight),
+                host=host, port=port, access_log=False, log_level="info", timeout_keep_alive=75)

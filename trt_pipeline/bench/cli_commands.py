@@ -32,19 +32,28 @@ BENCH_DEFAULTS: dict[str, Any] = {"workload": "synthetic", "isl": 128, "osl": 64
 @click.option("--batch-window-ms", type=click.FloatRange(0, 10_000), default=0.0,
               show_default=True,
               help="How long a request that finds the engine idle waits for others to share "
-                   "its batch. Batching is static: with 0, closed-loop clients at concurrency "
+                   "its batch. With static batching and 0, closed-loop clients at concurrency "
                    "> 1 often start a batch alone and the rest wait for all of it.")
+@click.option("--batching", type=click.Choice(["auto", "inflight", "static"]), default="auto",
+              show_default=True,
+              help="inflight: requests join and leave a running batch between decode steps "
+                   "(ONNX Runtime, reference); static: a batch runs to its end before the next "
+                   "starts; auto: inflight where the runtime can.")
 @click.option("--served-model-name", default=None,
               help="The model id clients send and /v1/models lists. Default: the engine's "
                    "recipe name (a checkpoint dir: its directory name).")
 def serve(engine_dir: Path, host: str, port: int, max_batch_size: int | None,
-          batch_window_ms: float, served_model_name: str | None) -> None:
+          batch_window_ms: float, batching: str, served_model_name: str | None) -> None:
     """Serve ENGINE_DIR over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/...).
     ENGINE_DIR may also be a TensorRT-LLM checkpoint dir, run by the CPU reference model."""
     from ..server import serve as run_server
 
     click.echo(f"serving {engine_dir} at http://{host}:{port}/v1", err=True)
-    run_server(engine_dir, host, port, max_batch_size, batch_window_ms / 1e3, served_model_name)
+    run_server(engine_dir, host, port, max_batch_size, batch_window_ms / 1e3, served_model_name,
+               inflight=INFLIGHT[batching])
+
+
+INFLIGHT: dict[str, bool | None] = {"auto": None, "inflight": True, "static": False}
 
 
 def _levels(_: click.Context, __: click.Parameter, value: str | None) -> tuple[int, ...] | None:

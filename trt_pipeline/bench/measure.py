@@ -72,17 +72,19 @@ def arrival_offsets_s(count: int, rate: float, seed: int) -> list[float]:
 def measure(target: Runner | str, requests: Sequence[Request], concurrency: int,
             warmup: int = 2, rate: float | None = None, seed: int = 0, *,
             api: Api = "completions", model: str | None = None, timeout_s: float = 600.0,
-            max_batch_size: int | None = None) -> list[RequestRecord]:
+            max_batch_size: int | None = None, inflight: bool | None = None
+            ) -> list[RequestRecord]:
     """One load level: a RequestRecord per request, in workload order (warm-up excluded).
 
-    `target` is a Runner (run here, batched by a BatchScheduler of at most `max_batch_size`) or
+    `target` is a Runner (run here, batched by a BatchScheduler of at most `max_batch_size`,
+    in-flight where the runtime can unless `inflight` says otherwise) or
     the base URL of an OpenAI-compatible server (`http://host:port`; `api` picks completions or
     chat; `model` defaults to the server's first). Failed requests come back as records with
     `error` set; bad arguments raise BadInput before anything is sent.
     """
     _check_load(requests, concurrency, warmup, rate)
     if isinstance(target, Runner):
-        with BatchScheduler(target, max_batch_size) as scheduler:
+        with BatchScheduler(target, max_batch_size, inflight=inflight) as scheduler:
             if warmup:
                 _in_process(scheduler, [requests[i % len(requests)] for i in range(warmup)],
                             concurrency, None, seed, timeout_s)

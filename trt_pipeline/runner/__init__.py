@@ -137,16 +137,15 @@ class Runner:
                     yield TokenEvent(offset + i, s.out[-1] if s.out else -1, "",
                                      len(s.out) - 1, True, "stop")
 
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        return 0 if pad is None else pad
+
     def _batch(self, prompts: list[Sequence[int]], params: list[SamplingParams], offset: int
                ) -> Iterator[TokenEvent]:
-        b, width = len(prompts), max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
-        pad = 0 if pad is None else pad
-        ids = np.full((b, width), pad, dtype=np.int64)
-        valid = np.zeros((b, width), dtype=bool)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = p
-            valid[i, width - len(p):] = True
+        b, pad = len(prompts), self.pad_id
+        ids, valid = left_padded(prompts, pad)
         streams = [_Stream(self, list(p), params[i]) for i, p in enumerate(prompts)]
         cache = self.model.new_cache(b)
         logits = self.model.step(ids, cache, valid, last_only=True)[:, -1]
@@ -163,6 +162,17 @@ class Runner:
             if not alive.any():
                 return
             logits = self.model.step(nxt, cache, alive, last_only=True)[:, -1]
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, W] int64, valid [B, W] bool) with each prompt right-aligned."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad, dtype=np.int64)
+    valid = np.zeros((len(prompts), width), dtype=bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        valid[i, width - len(p):] = True
+    return ids, valid
 
 
 class _Stream:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ..rebatch import ArrayOps, Rows, join_rows, keep_rows
 from .lower import LOGITS_TO_KEEP, MODEL_FILE
 
 # MatMulNBits accuracy levels (ONNX Runtime fuses every INT4 DQ + MatMul into one):
@@ -131,6 +132,32 @@ class OnnxModel:
     def step(self, input_ids: np.ndarray, cache: OnnxKVCache, valid: np.ndarray,
              last_only: bool = False) -> np.ndarray:
         return self.forward(input_ids, cache, valid, last_only)
+
+    def keep(self, cache: OnnxKVCache, rows: list[int]) -> OnnxKVCache:
+        """In-flight batching (backends/rebatch.py): the cache of `rows` only."""
+        return _cache(keep_rows(_rows(cache), rows))
+
+    def join(self, caches: list[OnnxKVCache]) -> OnnxKVCache:
+        """In-flight batching: one cache with the rows of every cache in order."""
+        return _cache(join_rows([_rows(c) for c in caches], NUMPY_OPS))
+
+
+NUMPY_OPS = ArrayOps(cat=lambda xs, axis: np.concatenate(list(xs), axis),
+                     zeros=lambda shape, like: np.zeros(shape, like.dtype))
+
+
+def _rows(c: OnnxKVCache) -> Rows[np.ndarray]:
+    """The cache's OrtValues fetched as numpy arrays (a copy per join or drop, not per step)."""
+    assert c.valid is not None, "an empty cache has no rows"
+    return Rows([k.numpy() for k in c.keys], [v.numpy() for v in c.values], c.valid)
+
+
+def _cache(r: Rows[np.ndarray]) -> OnnxKVCache:
+    def ort_value(a: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+
+    return OnnxKVCache([ort_value(k) for k in r.keys], [ort_value(v) for v in r.values],
+                       np.ascontiguousarray(r.valid))
 
 
 def open_runtime(engine_dir: Path, runtime: dict[str, Any]) -> OnnxModel:
