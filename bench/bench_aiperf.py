@@ -3,14 +3,15 @@
     python3 -m venv /work/aiperf-venv && /work/aiperf-venv/bin/pip install aiperf==0.13.0
     python bench/bench_aiperf.py [--aiperf /work/aiperf-venv/bin/aiperf] [--concurrency 1,4]
         [--requests 32] [--warmup 4] [--isl 128,480] [--osl 64] [--reps 3] [--batch-window-ms 20]
-        [--work /tmp/trtp-bench-aiperf]
+        [--batching auto|inflight|static] [--work /tmp/trtp-bench-aiperf]
 
 Per prompt length and concurrency level: starts `trt_pipeline.server` on 127.0.0.1 (a child
 process pinned to one core, max_batch_size = the level) with the default model's ONNX engine;
 runs AIPerf (completions, streaming, ignore_eos, greedy, server token counts) and then our
 harness (`measure` over HTTP) with the exact prompts AIPerf sent, in its order (its inputs.json
 and profile_export.jsonl), both on the other cores. Prints TTFT and ITL medians of both, their
-ratio (target: within 10 %) and the mean batch size each tool's load produced.
+ratio (target: within 10 %) and how many requests each batch start (static) or joining prefill
+(in-flight) took, from the server's scheduler counters.
 
 Definitions (both per request, medians over requests; numpy-linear percentiles in both):
   TTFT  AIPerf: first chunk with non-empty text - just before aiohttp sends (after it has made
@@ -24,9 +25,10 @@ Definitions (both per request, medians over requests; numpy-linear percentiles i
         Ours: (t_n - t_1)/(n - 1) over token chunks, n from usage. Same formula; they differ only
         when a first or last token decodes to no text.
 Load: both are closed loops, but a tool re-sends only after its own bookkeeping (AIPerf passes a
-credit between ~8 processes), and the server batches statically: re-sends that miss the batch
-window wait a whole batch. So at concurrency > 1 the two tools can offer the server different
-batches; the mean batch size printed beside the latencies shows when they did.
+credit between ~8 processes). With static batching (--batching static) re-sends that miss the
+batch window wait a whole batch, so at concurrency > 1 the two tools can offer the server
+different batches; the requests per batch start printed beside the latencies show when they did.
+In-flight batching (the default on ONNX Runtime) admits each re-send at the next step.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ import httpx
 from bench_harness_overhead import default_onnx_engine
 
 SERVE = ("from trt_pipeline.server import serve; serve({engine!r}, '127.0.0.1', {port}, "
-         "max_batch_size={batch}, batch_window_s={window})")
+         "max_batch_size={batch}, batch_window_s={window}, inflight={inflight})")
+INFLIGHT = {"auto": None, "inflight": True, "static": False}
 CORES = sorted(os.sched_getaffinity(0))
 # Server on the first core, every client on the others: on a 2-core host AIPerf's ~8 processes
 # would otherwise take CPU from the decode they are timing, and ours (one process) less so.
@@ -64,9 +67,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(engine: Path, port: int, batch: int, window_s: float, log: Path
-                 ) -> subprocess.Popen:
-    code = SERVE.format(engine=str(engine), port=port, batch=batch, window=window_s)
+def start_server(engine: Path, port: int, batch: int, window_s: float, log: Path,
+                 inflight: bool | None = None) -> subprocess.Popen:
+    code = SERVE.format(engine=str(engine), port=port, batch=batch, window=window_s,
+                        inflight=inflight)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=log.open("w"),
                             stderr=subprocess.STDOUT, preexec_fn=lambda: pin(SERVER_CORES))
     deadline = time.monotonic() + 120
@@ -143,7 +147,7 @@ def compare(engine: Path, model: str, c: int, isl: int, args: argparse.Namespace
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(engine, port, c, args.batch_window_ms / 1e3,
-                          args.work / f"server-c{c}-isl{isl}.log")
+                          args.work / f"server-c{c}-isl{isl}.log", INFLIGHT[args.batching])
     theirs: dict[str, list] = {"TTFT": [], "ITL": [], "batches": []}  # one entry per run
     ours: dict[str, list] = {"TTFT": [], "ITL": [], "batches": []}
     prompts: list[str] = []
@@ -186,6 +190,8 @@ def main() -> None:
                     help="The server's batch window (scheduler.py). With max_batch_size = the "
                          "level it closes as soon as every client has re-sent, so both tools "
                          "offer full batches; 0 shows how their re-send timing differs.")
+    ap.add_argument("--batching", choices=list(INFLIGHT), default="auto",
+                    help="The server's batching (scheduler.py); auto = in-flight on ONNX Runtime.")
     ap.add_argument("--reps", type=int, default=3, help="Runs per tool and level, ABBA.")
     ap.add_argument("--timeout", type=float, default=300.0, help="Seconds per tool run.")
     args = ap.parse_args()
@@ -202,7 +208,8 @@ def main() -> None:
         for c in (int(v) for v in args.concurrency.split(",")):
             theirs, ours = compare(engine, model, c, isl, args, commands)
             sent = (args.requests + args.warmup) * args.reps
-            print(f"| {isl} | {c} | mean batch size | {sent / sum(theirs['batches']):.2f} | "
+            print(f"| {isl} | {c} | requests per batch start | "
+                  f"{sent / sum(theirs['batches']):.2f} | "
                   f"{sent / sum(ours['batches']):.2f} | - |")
             for name in ("TTFT", "ITL"):
                 a, b = (statistics.median(v for run in tool[name] for v in run)
@@ -211,7 +218,8 @@ def main() -> None:
                 print(f"| {isl} | {c} | {name} | {a:.3f} ({runs(theirs[name])}) | {b:.3f} "
                       f"({runs(ours[name])}) | {b / a:.3f} |")
     print(f"\nengine {engine}; server on cores {SERVER_CORES}, clients on {CLIENT_CORES}; "
-          f"server max_batch_size = concurrency, batch window {args.batch_window_ms} ms; "
+          f"server max_batch_size = concurrency, {args.batching} batching, batch window "
+          f"{args.batch_window_ms} ms; "
           f"{args.requests} requests per run after {args.warmup} warm-up, {args.reps} runs per "
           f"tool (ABBA), OSL {args.osl} exact; medians over requests (ms)")
     print("\n".join(f"AIPerf: {cmd}" for cmd in dict.fromkeys(

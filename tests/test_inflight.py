@@ -136,3 +136,76 @@ def test_inflight_is_refused_for_a_runtime_without_row_operations(tiny_ckpt, gra
     with pytest.raises(BadInput, match="inflight: the tensorrt_rtx runtime cannot add"):
         BatchScheduler(Runner(FixedCache(), None, set(), {}), inflight=True)
     assert BatchScheduler(Runner(FixedCache(), None, set(), {})).inflight is False
+
+
+class Flaky(ReferenceStep):
+    """The reference runtime, failing the step calls it is told to."""
+
+    fail_at: set[int] = set()
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.calls = 0
+
+    def step(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls in self.fail_at:
+            raise RuntimeError("device lost")
+        return super().step(*args, **kwargs)
+
+
+@pytest.mark.parametrize("inflight", [True, False])
+def test_a_runtime_failure_fails_the_running_requests_and_the_next_one_runs(inflight,
+                                                                           tiny_ckpt):
+    model = Flaky(ReferenceModel.load(tiny_ckpt["llama"]))
+    model.fail_at = {6}
+    got: dict[str, list] = {"a": [], "b": [], "c": []}
+    ended = threading.Semaphore(0)
+
+    def sink(name):
+        def on(e):
+            got[name].append(e)
+            if isinstance(e, BaseException) or e.finished:
+                ended.release()
+        return on
+
+    p = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    with BatchScheduler(Runner(model, None, set(), {}), inflight=inflight,
+                        batch_window_s=0.2) as scheduler:
+        scheduler.submit(_prompt(6, 1), p, sink("a"))
+        scheduler.submit(_prompt(3, 2), p, sink("b"))
+        for _ in range(2):
+            assert ended.acquire(timeout=30)
+        scheduler.submit(_prompt(4, 3), p, sink("c"))
+        assert ended.acquire(timeout=30)
+    for name in "ab":  # five tokens each, then the error, once
+        assert [type(e) for e in got[name]][-1] is RuntimeError
+        assert str(got[name][-1]) == "device lost" and len(got[name]) == 6
+    expected = greedy(ReferenceModel.load(tiny_ckpt["llama"]), torch.tensor([_prompt(4, 3)]), 10)
+    assert [e.token_id for e in got["c"]] == expected[0].tolist()
+    stats = scheduler.stats
+    assert (stats.requests_failed, stats.requests_done) == (2, 1)
+
+
+@pytest.mark.parametrize("inflight", [True, False])
+def test_stopping_answers_running_and_waiting_requests(inflight, tiny_ckpt, graphs):
+    runner = _runner("reference", "llama", tiny_ckpt, graphs)
+    got: dict[str, list] = {"running": [], "waiting": []}
+    started = threading.Event()
+
+    def sink(name):
+        def on(e):
+            got[name].append(e)
+            started.set()
+        return on
+
+    scheduler = BatchScheduler(runner, max_batch_size=1, inflight=inflight).start()
+    scheduler.submit(_prompt(6, 1), SamplingParams(max_new_tokens=400, ignore_eos=True),
+                     sink("running"))
+    assert started.wait(30)
+    scheduler.submit(_prompt(6, 2), SamplingParams(max_new_tokens=4), sink("waiting"))
+    scheduler.stop()
+    for name in got:
+        assert isinstance(got[name][-1], RuntimeError), name
+        assert "shutting down" in str(got[name][-1])
+    assert len(got["waiting"]) == 1 and len(got["running"]) < 400

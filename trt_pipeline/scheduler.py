@@ -206,10 +206,7 @@ class BatchScheduler:
                     self._stats.requests_failed += sum(t.failed and not t.cancelled
                                                        for t in batch)
                     self._stats.requests_cancelled += sum(t.cancelled for t in batch)
-        with self._wake:
-            left, self._waiting = list(self._waiting), deque()
-        for t in left:
-            _deliver(t, RuntimeError("the server is shutting down"))
+        self._fail_waiting()
 
     def _loop_inflight(self) -> None:
         batch = InflightBatch(self.runner)
@@ -242,6 +239,9 @@ class BatchScheduler:
                 self._running = len(batch)
         for t in running.values():
             _deliver(t, RuntimeError("the server is shutting down"))
+        self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
         with self._wake:
             left, self._waiting = list(self._waiting), deque()
             self._running = 0
