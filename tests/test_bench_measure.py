@@ -117,6 +117,7 @@ def test_sweep_report_round_trips(runner, engine_dir, tmp_path):
     assert meta["backend"] == "onnx" and meta["runtime"] == "onnxruntime"
     assert len(meta["engine_key"]) == 20 and len(meta["engine_hash"]) == 20
     assert meta["tokens_sharing_a_chunk"] == 0 and meta["device"]["cpu"]
+    assert meta["batching"] == "inflight"
     rep.write_json(report, tmp_path / "r.json")
     assert rep.load_json(tmp_path / "r.json") == report
 
@@ -134,6 +135,7 @@ def test_cli_bench_writes_reports_and_compares(engine_dir, live, tmp_path):
             "report.json", "report.md", "latency_vs_throughput.png", "ttft_itl_cdf.png"}
         assert str(tmp_path / out / "report.json") in (a.output + b.output)
     assert "## Concurrency 2" in a.output and "| TTFT ms | 3 |" in a.output
+    assert rep.load_json(tmp_path / "b" / "report.json").metadata["batching"] == "inflight"
     c = cli.invoke(bench, ["--compare", str(tmp_path / "a" / "report.json"),
                            str(tmp_path / "b" / "report.json")])
     assert c.exit_code == 0 and "# A vs B" in c.output and "in-process runner" in c.output

@@ -52,6 +52,7 @@ from ..manifest import (
     read_manifest,
 )
 from ..runner import Runner, SamplingParams, TokenEvent
+from ..runner.inflight import can_rebatch
 from ..scheduler import BatchScheduler
 from ..targets import TARGETS
 from .metrics import RequestRecord
@@ -243,6 +244,15 @@ async def _over_http(url: str, requests: Sequence[Request], concurrency: int, wa
     return await _drive(send, requests, concurrency, warmup, rate, seed)
 
 
+def _server_batching(base: str) -> str:
+    """Our server reports its scheduler's mode on /health; other servers: unknown."""
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as resp:
+            return str(json.loads(resp.read())["scheduler"]["mode"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return "unknown"
+
+
 def _first_model(base: str) -> str:
     try:
         with urllib.request.urlopen(f"{base}/v1/models", timeout=30) as resp:
@@ -385,6 +395,8 @@ def sweep(target: Runner | str, requests: Sequence[Request], levels: Sequence[in
                          else (None, "not computed for an endpoint (its device is unknown here)"))
     if why_not:
         facts["roofline"] = why_not
+    facts["batching"] = (("inflight" if can_rebatch(target.model) else "static")
+                         if isinstance(target, Runner) else _server_batching(target))
     shared = sum(g == 0 for lv in out for r in lv.records for g in r.token_gaps_ms)
     metadata = {
         "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
