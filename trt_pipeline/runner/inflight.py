@@ -56,8 +56,8 @@ class InflightBatch:
         ids, valid = left_padded(prompts, self.runner.pad_id)
         cache = self.model.new_cache(len(prompts))
         logits = self.model.step(ids, cache, valid, last_only=True)[:, -1]
-        streams = [_Stream(self.runner, list(p), q) for p, q in zip(prompts, params,
-                                                                          strict=True)]
+        streams = [_Stream(self.runner, list(p), q)
+                   for p, q in zip(prompts, params, strict=True)]
         events = [s.advance(logits[i], keys[i]) for i, s in enumerate(streams)]
         live = [i for i, e in enumerate(events) if not e.finished]
         if live:
@@ -74,8 +74,8 @@ class InflightBatch:
         ids = np.array([[s.out[-1]] for s in self.streams], dtype=np.int64)
         logits = self.model.step(ids, self.cache, np.ones_like(ids, dtype=bool),
                                  last_only=True)[:, -1]
-        events = [s.advance(logits[i], k) for i, (s, k) in enumerate(zip(self.streams, self.keys,
-                                                                          strict=True))]
+        rows = zip(self.streams, self.keys, strict=True)
+        events = [s.advance(logits[i], k) for i, (s, k) in enumerate(rows)]
         self.drop([k for k, e in zip(self.keys, events, strict=True) if e.finished])
         return events
 
