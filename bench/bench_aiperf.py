@@ -47,9 +47,10 @@ from pathlib import Path
 import httpx
 from bench_harness_overhead import default_onnx_engine
 
+from trt_pipeline.bench.cli_commands import INFLIGHT
+
 SERVE = ("from trt_pipeline.server import serve; serve({engine!r}, '127.0.0.1', {port}, "
          "max_batch_size={batch}, batch_window_s={window}, inflight={inflight})")
-INFLIGHT = {"auto": None, "inflight": True, "static": False}
 CORES = sorted(os.sched_getaffinity(0))
 # Server on the first core, every client on the others: on a 2-core host AIPerf's ~8 processes
 # would otherwise take CPU from the decode they are timing, and ours (one process) less so.
